@@ -1,0 +1,338 @@
+//! The control protocol: what controller, gateways and clients say to each other over QUIC.
+//!
+//! One bidirectional stream per connection carries [`ClientMsg`] frames up and [`ServerMsg`]
+//! frames down. The first frame up is always [`ClientMsg::Hello`]; the controller answers
+//! [`ServerMsg::Welcome`] or [`ServerMsg::Fatal`] (then closes) before anything else is read,
+//! so incompatible peers learn why at once. Requests carry an id that their response echoes;
+//! pushes (later: peer add/remove, revocations) have none.
+//!
+//! Every enum is internally tagged with snake_case names: adding a variant is backwards
+//! compatible for the sender that does not use it, and changing the meaning of one means
+//! bumping [`PROTOCOL_VERSION`].
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The TLS application protocol name of the control plane.
+pub const ALPN: &[u8] = b"wardgate-control";
+
+/// Frames sent by gateways and clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// First frame on every connection.
+    Hello {
+        /// The protocol version the sender speaks.
+        protocol_version: u16,
+        /// Software name and version, for the operator's eyes only.
+        software: String,
+    },
+    /// A request; answered by a [`ServerMsg::Response`] with the same id.
+    Request {
+        /// Chosen by the sender, echoed in the response.
+        id: u64,
+        /// What is asked.
+        body: Request,
+    },
+}
+
+/// What gateways and clients can ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// A new gateway presents its single-use join token (no client certificate yet).
+    JoinGateway(JoinGateway),
+    /// A device asks for a certificate after its user has logged in (no client certificate yet).
+    EnrolDevice(EnrolDevice),
+    /// A device whose enrolment awaits approval asks again, proving it made the first request.
+    EnrolPoll {
+        /// The device id returned by the pending answer.
+        device_id: String,
+        /// The poll secret returned by the pending answer.
+        poll_token: Secret,
+    },
+    /// Liveness; requires a certificate. Gateways send it on a timer.
+    Heartbeat {
+        /// Increments per heartbeat, echoed back.
+        seq: u64,
+    },
+    /// Who does the controller think I am, and in which state? Requires a certificate.
+    WhoAmI,
+}
+
+/// A gateway's registration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinGateway {
+    /// The token an administrator created for this gateway.
+    pub token: Secret,
+    /// PKCS#10 request for the gateway's control-plane certificate; the key stays on the gateway.
+    pub csr_pem: String,
+    /// The gateway's WireGuard public key (base64); the private key stays on the gateway.
+    pub wg_public_key: String,
+    /// Where clients reach the gateway's WireGuard endpoint (`host:port`).
+    pub endpoint: String,
+    /// The resource networks the gateway serves (CIDR). Empty means "the ones the token names";
+    /// otherwise they must lie inside the token's networks.
+    pub networks: Vec<String>,
+}
+
+/// A device's enrolment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrolDevice {
+    /// How the user proved who they are.
+    pub login: Login,
+    /// A name for the device the user and admins will recognise.
+    pub device_name: String,
+    /// PKCS#10 request for the device certificate; the key stays on the device.
+    pub csr_pem: String,
+    /// Operating system, for the admin's approval decision.
+    pub os: String,
+    /// Host name, for the admin's approval decision.
+    pub hostname: String,
+}
+
+/// How a user proves who they are. OIDC joins this enum later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum Login {
+    /// A local user of the controller (embedded default and small sites).
+    Local {
+        /// The user name.
+        username: String,
+        /// The password; only ever sent over the server-authenticated QUIC channel.
+        password: Secret,
+    },
+}
+
+/// A secret string (password, token): serialised as a plain string, but its `Debug` never shows
+/// it, so deriving `Debug` on a message can not leak it into a log line.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that must compare or hash it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Frames sent by the controller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// The hello was accepted.
+    Welcome {
+        /// The protocol version the controller speaks.
+        protocol_version: u16,
+        /// The controller's software version.
+        software: String,
+    },
+    /// The answer to a request.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The outcome.
+        result: Result<Response, WireError>,
+    },
+    /// The connection is refused; the controller closes it after this frame.
+    Fatal(WireError),
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    /// The gateway is registered.
+    Joined {
+        /// The gateway's id.
+        gateway_id: String,
+        /// The gateway's name, from the token.
+        name: String,
+        /// The networks registered.
+        networks: Vec<String>,
+        /// The signed control-plane certificate.
+        cert_pem: String,
+        /// The controller's CA, to pin.
+        ca_pem: String,
+    },
+    /// The device has its certificate.
+    Enrolled {
+        /// The device's id.
+        device_id: String,
+        /// The signed device certificate.
+        cert_pem: String,
+        /// The controller's CA, to pin.
+        ca_pem: String,
+    },
+    /// An administrator must approve the device first.
+    EnrolPending {
+        /// The device's id, to tell the administrator.
+        device_id: String,
+        /// Secret to present with [`Request::EnrolPoll`]; keep it 0600.
+        poll_token: Secret,
+    },
+    /// Heartbeat answer.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+        /// The controller's clock, so skew can be reported.
+        server_time_ms: i64,
+    },
+    /// Who the caller is.
+    Identity(Identity),
+}
+
+/// The authenticated peer as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+pub enum Identity {
+    /// A registered gateway.
+    Gateway {
+        /// Its id.
+        id: String,
+        /// Its name.
+        name: String,
+        /// Networks served.
+        networks: Vec<String>,
+    },
+    /// An enrolled device.
+    Device {
+        /// Its id.
+        id: String,
+        /// Its name.
+        name: String,
+        /// The user who enrolled it.
+        owner: String,
+        /// `approved` (revoked devices cannot connect).
+        status: String,
+    },
+}
+
+/// An error as it travels on the wire: a stable code for programs, a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct WireError {
+    /// Stable, machine-readable reason.
+    pub code: ErrorCode,
+    /// What happened and what to do, in words.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Stable error codes. Programs match on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// The first frame was not a hello, or a frame arrived out of order.
+    ProtocolViolation,
+    /// A frame was larger than the limit.
+    FrameTooLarge,
+    /// A frame could not be parsed.
+    Malformed,
+    /// The request needs a client certificate and none was presented.
+    CertificateRequired,
+    /// The presented certificate is not (or no longer) known to the controller.
+    CertificateUnknown,
+    /// The presented certificate was revoked by an administrator.
+    CertificateRevoked,
+    /// The join token is not known.
+    TokenUnknown,
+    /// The join token has expired.
+    TokenExpired,
+    /// The join token was already used.
+    TokenUsed,
+    /// User name or password wrong (deliberately not saying which).
+    BadCredentials,
+    /// The user account is disabled.
+    UserDisabled,
+    /// The device's enrolment is waiting for an administrator.
+    DevicePending,
+    /// An administrator denied the device's enrolment.
+    DeviceDenied,
+    /// The device was revoked.
+    DeviceRevoked,
+    /// The request is well-formed but not acceptable (bad CSR, name taken, bad network…).
+    BadRequest,
+    /// This kind of peer may not make this request.
+    Forbidden,
+    /// Something failed inside the controller; it was logged there.
+    Internal,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The serde name is the stable spelling.
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{self:?}"));
+        f.write_str(&s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable_and_tagged() {
+        let m = ServerMsg::Response {
+            id: 7,
+            result: Err(WireError::new(ErrorCode::TokenUsed, "used")),
+        };
+        let s = serde_json::to_string(&m).expect("json");
+        assert_eq!(
+            s,
+            r#"{"type":"response","id":7,"result":{"Err":{"code":"token_used","message":"used"}}}"#
+        );
+        assert_eq!(
+            ErrorCode::CertificateRevoked.to_string(),
+            "certificate_revoked"
+        );
+        let r: ClientMsg =
+            serde_json::from_str(r#"{"type":"request","id":1,"body":{"op":"who_am_i"}}"#)
+                .expect("parse");
+        assert_eq!(
+            r,
+            ClientMsg::Request {
+                id: 1,
+                body: Request::WhoAmI
+            }
+        );
+    }
+
+    #[test]
+    fn passwords_never_show_in_debug() {
+        let l = Login::Local {
+            username: "amara".into(),
+            password: Secret::new("hunter2-secret"),
+        };
+        let d = format!("{l:?}");
+        assert!(d.contains("amara"));
+        assert!(!d.contains("hunter2"));
+    }
+}

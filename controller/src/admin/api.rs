@@ -1,0 +1,475 @@
+//! The admin REST API. Every route but `/healthz` needs `Authorization: Bearer <admin token>`;
+//! every change is audited with the token's id as the actor.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ipnet::IpNet;
+use serde_json::json;
+use tracing::{info, warn};
+use wardgate_common::unix_ms;
+
+use super::types::*;
+use crate::ca::LeafRole;
+use crate::secrets::{self, TokenKind};
+use crate::service::{CLOSE_REFUSED, Controller, SETTING_REQUIRE_APPROVAL};
+use crate::store::{DeviceStatus, GatewayStatus, JoinToken, StoreError, User};
+
+/// Longest allowed join token lifetime.
+const MAX_JOIN_TTL_SECS: u64 = 7 * 24 * 3600;
+const DEFAULT_JOIN_TTL_SECS: u64 = 3600;
+
+/// An API failure: status, stable code, message.
+pub struct Failure(StatusCode, &'static str, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(ApiError {
+                error: self.1.to_owned(),
+                message: self.2,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict { what } => Failure(StatusCode::CONFLICT, "conflict", what),
+            StoreError::NotFound { what } => Failure(StatusCode::NOT_FOUND, "not_found", what),
+            other => {
+                warn!(error = %other, "store error in admin API");
+                Failure(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the controller's database is unavailable; nothing was changed, try again"
+                        .into(),
+                )
+            }
+        }
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> Failure {
+    Failure(StatusCode::BAD_REQUEST, "bad_request", msg.into())
+}
+
+fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+/// An authenticated administrator (the admin token's id).
+pub struct Admin {
+    actor: String,
+}
+
+impl FromRequestParts<Arc<Controller>> for Admin {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, ctl: &Arc<Controller>) -> Result<Self, Failure> {
+        let unauthorized =
+            |msg: &str| Failure(StatusCode::UNAUTHORIZED, "unauthorized", msg.to_owned());
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| unauthorized("missing `Authorization: Bearer <admin token>` header"))?;
+        let token = header.strip_prefix("Bearer ").ok_or_else(|| {
+            unauthorized("the Authorization header must be `Bearer <admin token>`")
+        })?;
+        let found = ctl
+            .store
+            .admin_token_by_hash(&secrets::hash_token(token))
+            .await?;
+        let now = now_ms();
+        match found {
+            Some(t) if t.revoked_ms.is_none() && t.expires_ms.is_none_or(|e| e > now) => {
+                Ok(Admin {
+                    actor: format!("admin:{}", t.id),
+                })
+            }
+            Some(_) => Err(unauthorized("this admin token has expired or was revoked")),
+            None => {
+                if let Err(e) = ctl
+                    .audit(
+                        "anonymous",
+                        "admin.auth",
+                        "admin-api",
+                        "deny",
+                        json!({"reason": "unknown admin token"}),
+                    )
+                    .await
+                {
+                    warn!(error = %e, "cannot audit a refused admin token");
+                }
+                Err(unauthorized(
+                    "the admin token was not recognised; use the token printed by `wardgate-controller init`",
+                ))
+            }
+        }
+    }
+}
+
+/// The router, with the controller as state.
+pub fn router(ctl: Arc<Controller>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/api/v1/settings", get(get_settings).put(put_settings))
+        .route("/api/v1/gateway-tokens", post(create_join_token))
+        .route("/api/v1/gateways", get(list_gateways))
+        .route("/api/v1/gateways/{id}/revoke", post(revoke_gateway))
+        .route("/api/v1/devices", get(list_devices))
+        .route("/api/v1/devices/{id}/{action}", post(decide_device))
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .with_state(ctl)
+}
+
+async fn get_settings(
+    _: Admin,
+    State(ctl): State<Arc<Controller>>,
+) -> Result<Json<Settings>, Failure> {
+    let v = ctl.store.get_setting(SETTING_REQUIRE_APPROVAL).await?;
+    Ok(Json(Settings {
+        enrolment_requires_approval: v.is_some_and(|v| v == "true"),
+    }))
+}
+
+async fn put_settings(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Json(s): Json<Settings>,
+) -> Result<Json<Settings>, Failure> {
+    ctl.store
+        .set_setting(
+            SETTING_REQUIRE_APPROVAL,
+            if s.enrolment_requires_approval {
+                "true"
+            } else {
+                "false"
+            },
+        )
+        .await?;
+    ctl.audit(
+        &admin.actor,
+        "admin.settings.update",
+        "settings",
+        "ok",
+        json!(s),
+    )
+    .await?;
+    Ok(Json(s))
+}
+
+async fn create_join_token(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Json(req): Json<CreateJoinToken>,
+) -> Result<Json<JoinTokenCreated>, Failure> {
+    let name = req.name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(bad_request(
+            "gateway name must be 1-64 characters of letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let mut networks = Vec::new();
+    for n in &req.networks {
+        let net: IpNet = n.parse().map_err(|_| {
+            bad_request(format!(
+                "network {n:?} is not a CIDR prefix such as 10.10.0.0/16"
+            ))
+        })?;
+        networks.push(net.trunc().to_string());
+    }
+    if networks.is_empty() {
+        return Err(bad_request(
+            "name at least one network the gateway serves (--network 10.10.0.0/16)",
+        ));
+    }
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_JOIN_TTL_SECS);
+    if ttl == 0 || ttl > MAX_JOIN_TTL_SECS {
+        return Err(bad_request("ttl must be between 1 second and 7 days"));
+    }
+    let token = secrets::new_token(TokenKind::Join);
+    let now = now_ms();
+    let rec = JoinToken {
+        id: secrets::new_id("jt"),
+        gateway_name: name.to_owned(),
+        networks: networks.clone(),
+        token_hash: secrets::hash_token(&token),
+        created_ms: now,
+        expires_ms: now + i64::try_from(ttl).unwrap_or(0) * 1000,
+        used_ms: None,
+    };
+    ctl.store.insert_join_token(&rec).await?;
+    ctl.audit(
+        &admin.actor,
+        "admin.gateway_token.create",
+        &rec.id,
+        "ok",
+        json!({"gateway_name": name, "networks": networks, "expires_ms": rec.expires_ms}),
+    )
+    .await?;
+    info!(token_id = %rec.id, gateway = %name, "join token created");
+    Ok(Json(JoinTokenCreated {
+        token,
+        id: rec.id,
+        gateway_name: name.to_owned(),
+        networks,
+        expires_ms: rec.expires_ms,
+    }))
+}
+
+async fn list_gateways(
+    _: Admin,
+    State(ctl): State<Arc<Controller>>,
+) -> Result<Json<Vec<GatewayView>>, Failure> {
+    let gws = ctl.store.list_gateways().await?;
+    Ok(Json(
+        gws.into_iter()
+            .map(|g| GatewayView {
+                online: ctl.registry.is_online(&format!("gateway:{}", g.id)),
+                id: g.id,
+                name: g.name,
+                wg_public_key: g.wg_public_key,
+                endpoint: g.endpoint,
+                networks: g.networks,
+                status: g.status.as_str().to_owned(),
+                last_seen_ms: g.last_seen_ms,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_gateway(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, Failure> {
+    if ctl.store.gateway_by_id(&id).await?.is_none() {
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no gateway with id {id}"),
+        ));
+    }
+    ctl.store
+        .set_gateway_status(&id, GatewayStatus::Revoked, now_ms())
+        .await?;
+    ctl.audit(&admin.actor, "admin.gateway.revoke", &id, "ok", json!({}))
+        .await?;
+    let was_online = ctl.registry.disconnect(
+        &format!("gateway:{id}"),
+        CLOSE_REFUSED,
+        "gateway revoked by an administrator",
+    );
+    info!(gateway = %id, was_online, "gateway revoked");
+    Ok(Json(
+        json!({"id": id, "status": "revoked", "disconnected": was_online}),
+    ))
+}
+
+async fn device_view(ctl: &Controller, d: crate::store::Device) -> Result<DeviceView, Failure> {
+    let owner = ctl
+        .store
+        .user_by_id(&d.owner_user_id)
+        .await?
+        .map(|u| u.username)
+        .unwrap_or_else(|| d.owner_user_id.clone());
+    Ok(DeviceView {
+        online: ctl.registry.is_online(&format!("device:{}", d.id)),
+        id: d.id,
+        name: d.name,
+        owner,
+        status: d.status.as_str().to_owned(),
+        os: d.os,
+        hostname: d.hostname,
+        created_ms: d.created_ms,
+    })
+}
+
+async fn list_devices(
+    _: Admin,
+    State(ctl): State<Arc<Controller>>,
+) -> Result<Json<Vec<DeviceView>>, Failure> {
+    let mut out = Vec::new();
+    for d in ctl.store.list_devices().await? {
+        out.push(device_view(&ctl, d).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn decide_device(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<DeviceView>, Failure> {
+    let Some(dev) = ctl.store.device_by_id(&id).await? else {
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no device with id {id}"),
+        ));
+    };
+    let now = now_ms();
+    let updated = match action.as_str() {
+        "approve" => {
+            let cert = ctl
+                .ca
+                .sign_csr(LeafRole::Device, &format!("device {id}"), &dev.csr_pem)
+                .map_err(|e| bad_request(e.to_string()))?;
+            let certs = wardgate_common::pki::certs_from_pem("certificate", cert.as_bytes())
+                .map_err(|e| bad_request(e.to_string()))?;
+            let fp = certs
+                .first()
+                .map(wardgate_common::pki::fingerprint)
+                .unwrap_or_default();
+            ctl.store
+                .transition_device(
+                    &id,
+                    &[DeviceStatus::Pending],
+                    DeviceStatus::Approved,
+                    Some((&cert, &fp)),
+                    now,
+                )
+                .await?
+        }
+        "deny" => {
+            ctl.store
+                .transition_device(
+                    &id,
+                    &[DeviceStatus::Pending],
+                    DeviceStatus::Denied,
+                    None,
+                    now,
+                )
+                .await?
+        }
+        "revoke" => {
+            let d = ctl
+                .store
+                .transition_device(
+                    &id,
+                    &[DeviceStatus::Pending, DeviceStatus::Approved],
+                    DeviceStatus::Revoked,
+                    None,
+                    now,
+                )
+                .await?;
+            ctl.registry.disconnect(
+                &format!("device:{id}"),
+                CLOSE_REFUSED,
+                "device revoked by an administrator",
+            );
+            d
+        }
+        other => {
+            return Err(Failure(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("unknown device action {other:?}; use approve, deny or revoke"),
+            ));
+        }
+    };
+    ctl.audit(
+        &admin.actor,
+        &format!("admin.device.{action}"),
+        &id,
+        "ok",
+        json!({"name": updated.name}),
+    )
+    .await?;
+    info!(device = %id, action = %action, "device decision");
+    Ok(Json(device_view(&ctl, updated).await?))
+}
+
+fn user_view(u: User) -> UserView {
+    UserView {
+        local_password: u.password_hash.is_some(),
+        id: u.id,
+        username: u.username,
+        display_name: u.display_name,
+        disabled: u.disabled,
+    }
+}
+
+async fn list_users(
+    _: Admin,
+    State(ctl): State<Arc<Controller>>,
+) -> Result<Json<Vec<UserView>>, Failure> {
+    Ok(Json(
+        ctl.store
+            .list_users()
+            .await?
+            .into_iter()
+            .map(user_view)
+            .collect(),
+    ))
+}
+
+async fn create_user(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Json(req): Json<CreateUser>,
+) -> Result<(StatusCode, Json<UserView>), Failure> {
+    let username = req.username.trim().to_owned();
+    if username.is_empty()
+        || username.len() > 64
+        || !username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+    {
+        return Err(bad_request(
+            "user name must be 1-64 characters of letters, digits, '-', '_', '.' or '@'",
+        ));
+    }
+    let pw = req.password.expose().to_owned();
+    if pw.chars().count() < secrets::MIN_PASSWORD_LEN {
+        return Err(bad_request(format!(
+            "the password must have at least {} characters",
+            secrets::MIN_PASSWORD_LEN
+        )));
+    }
+    let hash = tokio::task::spawn_blocking(move || secrets::hash_password(&pw))
+        .await
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| Failure(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let user = User {
+        id: secrets::new_id("usr"),
+        display_name: req.display_name.clone().unwrap_or_else(|| username.clone()),
+        username: username.clone(),
+        password_hash: Some(hash),
+        disabled: false,
+        created_ms: now_ms(),
+    };
+    ctl.store.insert_user(&user).await.map_err(|e| match e {
+        StoreError::Conflict { .. } => Failure(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("a user named {username} already exists"),
+        ),
+        other => other.into(),
+    })?;
+    ctl.audit(
+        &admin.actor,
+        "admin.user.create",
+        &user.id,
+        "ok",
+        json!({"username": username}),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(user_view(user))))
+}

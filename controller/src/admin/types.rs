@@ -1,0 +1,113 @@
+//! The admin API's request and response bodies, shared by the server and the CLI.
+
+use serde::{Deserialize, Serialize};
+
+/// An error body: a stable code and a sentence saying what to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable code.
+    pub error: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+/// Create a gateway join token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateJoinToken {
+    /// The gateway's name.
+    pub name: String,
+    /// Networks the gateway may serve (CIDR).
+    pub networks: Vec<String>,
+    /// Lifetime in seconds (default one hour, at most seven days).
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A fresh join token, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenCreated {
+    /// The token itself; single-use.
+    pub token: String,
+    /// Its id (for the audit log).
+    pub id: String,
+    /// The gateway name it registers.
+    pub gateway_name: String,
+    /// Networks allowed.
+    pub networks: Vec<String>,
+    /// Expiry, ms since the epoch.
+    pub expires_ms: i64,
+}
+
+/// A gateway as admins see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayView {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// WireGuard public key.
+    pub wg_public_key: String,
+    /// Client-facing endpoint.
+    pub endpoint: String,
+    /// Networks served.
+    pub networks: Vec<String>,
+    /// `active` or `revoked`.
+    pub status: String,
+    /// Connected to this controller now.
+    pub online: bool,
+    /// Last heartbeat, ms since the epoch.
+    pub last_seen_ms: Option<i64>,
+}
+
+/// A device as admins see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceView {
+    /// Id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// The user who enrolled it.
+    pub owner: String,
+    /// `pending`, `approved`, `denied` or `revoked`.
+    pub status: String,
+    /// Operating system reported at enrolment.
+    pub os: String,
+    /// Host name reported at enrolment.
+    pub hostname: String,
+    /// Connected now.
+    pub online: bool,
+    /// Enrolled at, ms since the epoch.
+    pub created_ms: i64,
+}
+
+/// Create a local user.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateUser {
+    /// Login name.
+    pub username: String,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// Initial password.
+    pub password: wardgate_common::proto::Secret,
+}
+
+/// A user as admins see it (never the password hash).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserView {
+    /// Id.
+    pub id: String,
+    /// Login name.
+    pub username: String,
+    /// Display name.
+    pub display_name: String,
+    /// Whether the account is disabled.
+    pub disabled: bool,
+    /// Whether it has a local password.
+    pub local_password: bool,
+}
+
+/// Runtime settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// New devices wait for an administrator's approval.
+    pub enrolment_requires_approval: bool,
+}

@@ -1,0 +1,16 @@
+//! The Wardgate controller: policy engine and policy administrator (NIST SP 800-207), the
+//! private CA, the store, the QUIC control plane gateways and clients connect to, and the
+//! HTTPS admin API with its CLI.
+//!
+//! Drive it with [`run::init`] once, then [`run::start`] with a cancel token; the binary
+//! `wardgate-controller` is a thin shell over these.
+
+pub mod admin;
+pub mod ca;
+pub mod config;
+pub mod quic;
+pub mod run;
+pub mod secrets;
+pub mod service;
+pub mod shutdown;
+pub mod store;

@@ -1,0 +1,147 @@
+//! `wardgate-controller`: initialise, serve, and administer a Wardgate controller.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use wardgate_controller::admin::cli::{AdminCmd, Conn};
+use wardgate_controller::config::DataDir;
+use wardgate_controller::run::{self, InitOptions};
+use wardgate_controller::shutdown::cancel_pair;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wardgate-controller",
+    version,
+    about = "Wardgate controller: decides who may reach which clinical resource, and tells the gateways"
+)]
+struct Cli {
+    /// The data directory (CA, keys, configuration, SQLite database).
+    #[arg(long, env = "WARDGATE_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Creates the data directory, the CA, the database and a one-time admin token.
+    Init {
+        /// The organisation, shown in the CA's name.
+        #[arg(long, default_value = "Wardgate")]
+        organisation: String,
+        /// Database URL (`sqlite://…` or `postgres://…`); default: SQLite in the data directory.
+        #[arg(long, env = "WARDGATE_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Where gateways and clients reach the control plane (UDP).
+        #[arg(long, default_value = "0.0.0.0:4433")]
+        quic_listen: SocketAddr,
+        /// Where the admin API listens (TCP); keep it on a management network.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        admin_listen: SocketAddr,
+        /// Extra DNS names or IP addresses for the controller's certificate.
+        #[arg(long = "san")]
+        server_names: Vec<String>,
+        /// New devices wait for an administrator's approval before they get a certificate.
+        #[arg(long)]
+        require_device_approval: bool,
+        /// Also write the admin token to this file (mode 0600), for automation.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+    },
+    /// Runs the control plane and the admin API until SIGINT or SIGTERM.
+    Serve,
+    /// Administers a running controller through its admin API.
+    Admin {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        cmd: AdminCmd,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(real_main()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain, one line, no backtrace: the message says what to do.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let dir = DataDir::resolve(cli.data_dir)?;
+    match cli.cmd {
+        Cmd::Init {
+            organisation,
+            database_url,
+            quic_listen,
+            admin_listen,
+            server_names,
+            require_device_approval,
+            admin_token_file,
+        } => {
+            let out = run::init(
+                &dir,
+                &InitOptions {
+                    organisation,
+                    database_url,
+                    quic_listen,
+                    admin_listen,
+                    server_names,
+                    require_device_approval,
+                },
+            )
+            .await?;
+            if let Some(f) = admin_token_file {
+                wardgate_common::files::write_secret(&f, out.admin_token.as_bytes())?;
+            }
+            println!(
+                "Wardgate controller initialised in {}",
+                dir.root().display()
+            );
+            println!(
+                "CA certificate (give it to gateways and devices): {}",
+                out.ca_cert_path.display()
+            );
+            println!("Admin token (shown once; it is stored only hashed):");
+            println!("{}", out.admin_token);
+        }
+        Cmd::Serve => {
+            let (handle, token) = cancel_pair();
+            let running = run::start(&dir, token)
+                .await
+                .context("cannot start the controller")?;
+            println!("quic={} admin={}", running.quic, running.admin);
+            wardgate_common::signal::shutdown().await;
+            tracing::info!("shutting down");
+            handle.cancel();
+            running.join().await;
+        }
+        Cmd::Admin { conn, cmd } => {
+            wardgate_controller::admin::cli::run(conn, dir, cmd).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The QUIC control-plane server: accepts connections, identifies the peer by its client
+//! certificate, checks the hello, then answers requests on the control stream. Every refusal is
+//! a [`ServerMsg::Fatal`] with a specific code, followed by closing that one connection; the
+//! endpoint keeps serving everyone else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::shutdown::CancelToken;
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info, info_span, warn};
+use wardgate_common::frame::{self, FrameError};
+use wardgate_common::pki;
+use wardgate_common::proto::{
+    ClientMsg, ErrorCode, PROTOCOL_VERSION, Request, ServerMsg, WireError,
+};
+
+use crate::service::{
+    CLOSE_NORMAL, CLOSE_PROTOCOL, CLOSE_REFUSED, Controller, Peer, cert_required,
+};
+
+/// At most this many connections are handled at once; more wait in the accept queue.
+const MAX_CONNECTIONS: usize = 8192;
+/// A peer must open its control stream and say hello within this time.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// An anonymous connection may make only a few requests (join, enrol, poll).
+const MAX_ANONYMOUS_REQUESTS: u32 = 8;
+
+/// Runs the accept loop until `cancel` fires, then closes the endpoint.
+pub async fn serve(ctl: Arc<Controller>, endpoint: quinn::Endpoint, mut cancel: CancelToken) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = cancel.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let ctl = ctl.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                handle_incoming(ctl, incoming).await;
+                drop(permit);
+            }
+            .instrument(info_span!("conn", %remote)),
+        );
+    }
+    endpoint.close(
+        crate::service::CLOSE_SHUTDOWN.into(),
+        b"controller shutting down",
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+/// Sends a fatal error on the control stream, waits briefly for it to be delivered, then
+/// closes the connection.
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, err: WireError, code: u32) {
+    debug!(code = %err.code, "refusing connection");
+    let _ = frame::write_frame(send, &ServerMsg::Fatal(err.clone())).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(code.into(), err.code.to_string().as_bytes());
+}
+
+fn frame_error_to_wire(e: &FrameError) -> WireError {
+    match e {
+        FrameError::TooLarge { len, max } => WireError::new(
+            ErrorCode::FrameTooLarge,
+            format!("frame of {len} bytes exceeds the {max}-byte limit"),
+        ),
+        FrameError::Malformed(detail) => {
+            WireError::new(ErrorCode::Malformed, format!("malformed message: {detail}"))
+        }
+        FrameError::Truncated { .. } | FrameError::Io(_) => {
+            WireError::new(ErrorCode::Malformed, e.to_string())
+        }
+    }
+}
+
+async fn handle_incoming(ctl: Arc<Controller>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // TLS refusals (certificate from another CA, wrong ALPN) end here.
+            info!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    let fingerprint = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(pki::fingerprint));
+    let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before opening a stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(CLOSE_PROTOCOL.into(), b"no control stream opened in time");
+            return;
+        }
+    };
+    // The hello comes first, before we say anything about identity: an old client learns it is
+    // too old even if its certificate is fine.
+    let hello =
+        tokio::time::timeout(HELLO_TIMEOUT, frame::read_frame::<_, ClientMsg>(&mut recv)).await;
+    match hello {
+        Ok(Ok(Some(ClientMsg::Hello {
+            protocol_version,
+            software,
+        }))) => {
+            if protocol_version != PROTOCOL_VERSION {
+                let err = WireError::new(
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "this controller speaks protocol version {PROTOCOL_VERSION}, the peer ({software}) speaks {protocol_version}; upgrade the older side"
+                    ),
+                );
+                refuse(&conn, &mut send, err, CLOSE_PROTOCOL).await;
+                return;
+            }
+        }
+        Ok(Ok(Some(_))) => {
+            let err = WireError::new(
+                ErrorCode::ProtocolViolation,
+                "the first message must be a hello",
+            );
+            refuse(&conn, &mut send, err, CLOSE_PROTOCOL).await;
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            refuse(&conn, &mut send, frame_error_to_wire(&e), CLOSE_PROTOCOL).await;
+            return;
+        }
+        Err(_) => {
+            let err = WireError::new(ErrorCode::ProtocolViolation, "no hello within 10 s");
+            refuse(&conn, &mut send, err, CLOSE_PROTOCOL).await;
+            return;
+        }
+    }
+    let peer = match ctl.identify(fingerprint).await {
+        Ok(p) => p,
+        Err(err) => {
+            refuse(&conn, &mut send, err, CLOSE_REFUSED).await;
+            return;
+        }
+    };
+    let welcome = ServerMsg::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        software: format!("wardgate-controller {}", wardgate_common::SOFTWARE_VERSION),
+    };
+    if frame::write_frame(&mut send, &welcome).await.is_err() {
+        return;
+    }
+    let subject = match &peer {
+        Peer::Anonymous => None,
+        Peer::Gateway(g) => Some(format!("gateway:{}", g.id)),
+        Peer::Device(d) => Some(format!("device:{}", d.id)),
+    };
+    if let Some(s) = &subject {
+        ctl.registry.insert(s.clone(), conn.clone());
+        info!(peer = %s, "peer connected");
+    }
+    let span = info_span!("peer", actor = %peer.actor());
+    serve_requests(&ctl, &conn, &mut send, &mut recv, &peer)
+        .instrument(span)
+        .await;
+    if let Some(s) = &subject {
+        ctl.registry.remove(s, &conn);
+        info!(peer = %s, "peer disconnected");
+    }
+}
+
+async fn serve_requests(
+    ctl: &Controller,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    peer: &Peer,
+) {
+    let mut anonymous_requests = 0u32;
+    loop {
+        let msg = match frame::read_frame::<_, ClientMsg>(recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                conn.close(CLOSE_NORMAL.into(), b"bye");
+                return;
+            }
+            Err(FrameError::Io(e)) => {
+                debug!(error = %e, "control stream ended");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "bad frame from peer");
+                refuse(conn, send, frame_error_to_wire(&e), CLOSE_PROTOCOL).await;
+                return;
+            }
+        };
+        let (id, body) = match msg {
+            ClientMsg::Request { id, body } => (id, body),
+            ClientMsg::Hello { .. } => {
+                let err = WireError::new(ErrorCode::ProtocolViolation, "hello sent twice");
+                refuse(conn, send, err, CLOSE_PROTOCOL).await;
+                return;
+            }
+        };
+        if matches!(peer, Peer::Anonymous) {
+            anonymous_requests += 1;
+            if anonymous_requests > MAX_ANONYMOUS_REQUESTS {
+                let err = WireError::new(
+                    ErrorCode::Forbidden,
+                    "too many requests without a certificate",
+                );
+                refuse(conn, send, err, CLOSE_REFUSED).await;
+                return;
+            }
+        }
+        let result = match (body, peer) {
+            (Request::JoinGateway(j), _) => ctl.join_gateway(j).await,
+            (Request::EnrolDevice(e), _) => ctl.enrol_device(e).await,
+            (
+                Request::EnrolPoll {
+                    device_id,
+                    poll_token,
+                },
+                _,
+            ) => ctl.enrol_poll(&device_id, &poll_token).await,
+            (Request::Heartbeat { .. } | Request::WhoAmI, Peer::Anonymous) => Err(cert_required()),
+            (Request::Heartbeat { seq }, p) => ctl.heartbeat(p, seq).await,
+            (Request::WhoAmI, p) => ctl.who_am_i(p).await,
+        };
+        if frame::write_frame(send, &ServerMsg::Response { id, result })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
