@@ -1,5 +1,8 @@
-//! The `wardgate` root package: end-to-end tests (`tests/`), benches (`benches/`) and, later,
-//! the all-in-one demo. This library holds the harness those tests share: it runs the real
-//! binaries in throwaway directories and cleans up after them.
+//! The `wardgate` root package: end-to-end tests (`tests/`), benches (`benches/`), the
+//! data-plane bench tool and, later, the all-in-one demo. This library holds what those share:
+//! the harness that runs the real binaries, throwaway network namespaces, and the test-network
+//! endpoints (`wardgate-bench node …`).
 
 pub mod harness;
+pub mod netns;
+pub mod node;

@@ -1,0 +1,141 @@
+//! `wardgate-bench`: end-to-end benchmarks of the real binaries, and (`node …`) the small test
+//! servers and clients that benches and tests run inside network namespaces.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use wardgate::node;
+
+#[derive(Debug, Parser)]
+#[command(name = "wardgate-bench", about = "Wardgate end-to-end benchmarks and test-network endpoints")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// A test-network endpoint (used by end-to-end tests and benches).
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Serve a fixed HTTP answer.
+    Http {
+        /// Listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// One HTTP GET; prints the body.
+    Get {
+        /// Server address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Give up after this long.
+        #[arg(long, default_value = "10s")]
+        timeout: humantime::Duration,
+    },
+    /// Receive TCP streams and answer their length and SHA-256.
+    Sink {
+        /// Listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send test data to a sink and check its hash; prints JSON.
+    Send {
+        /// Sink address.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many bytes.
+        #[arg(long)]
+        bytes: u64,
+        /// Give up after this long.
+        #[arg(long, default_value = "300s")]
+        timeout: humantime::Duration,
+    },
+    /// Echo UDP datagrams.
+    UdpEcho {
+        /// Listen address.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Send numbered UDP datagrams to an echo server; prints how many came back.
+    UdpPing {
+        /// Echo server.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Wait per datagram.
+        #[arg(long, default_value = "1s")]
+        timeout: humantime::Duration,
+    },
+    /// Try one TCP connection; exit 0 if it was established.
+    Probe {
+        /// Target.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Give up after this long.
+        #[arg(long, default_value = "2s")]
+        timeout: humantime::Duration,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match cli.cmd {
+        Cmd::Node(n) => match n {
+            NodeCmd::Http { listen } => node::http(listen).await?,
+            NodeCmd::Get { to, timeout } => {
+                print!("{}", node::http_get(to, timeout.into()).await?);
+            }
+            NodeCmd::Sink { listen } => node::tcp_sink(listen).await?,
+            NodeCmd::Send { to, bytes, timeout } => {
+                let t = node::tcp_send(to, bytes, timeout.into()).await?;
+                println!("{}", serde_json::to_string(&t)?);
+                if !t.hash_ok {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            NodeCmd::UdpEcho { listen } => node::udp_echo(listen).await?,
+            NodeCmd::UdpPing { to, count, timeout } => {
+                let ok = node::udp_ping(to, count, timeout.into()).await?;
+                println!("{ok}");
+                if ok == 0 {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            NodeCmd::Probe { to, timeout } => {
+                let d: Duration = timeout.into();
+                return Ok(if node::tcp_probe(to, d).await {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
+        },
+    }
+    Ok(ExitCode::SUCCESS)
+}
