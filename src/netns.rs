@@ -16,9 +16,16 @@ use anyhow::{Context, bail};
 
 /// Runs `ip ARGS`, failing with its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output().context("cannot run `ip` (install iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -31,7 +38,10 @@ pub fn exec(ns: &str, args: &[&str]) -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("cannot run {args:?} in {ns}"))?;
     if !out.status.success() {
-        bail!("{args:?} in {ns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{args:?} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -66,7 +76,10 @@ impl Netns {
 
     /// Kills every process in the namespace.
     pub fn kill_all(&self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 let _ = Command::new("kill").args(["-9", pid]).status();
             }
@@ -109,15 +122,59 @@ impl Topology {
         let client = Netns::new(format!("wgc-{id}"))?;
         let gateway = Netns::new(format!("wgg-{id}"))?;
         let resource = Netns::new(format!("wgr-{id}"))?;
-        let (c_if, g_if1, g_if2, r_if) =
-            (format!("c{id}"), format!("g{id}a"), format!("g{id}b"), format!("r{id}"));
-        ip(&["link", "add", &c_if, "netns", &client.name, "type", "veth", "peer", "name", &g_if1, "netns", &gateway.name])?;
-        ip(&["link", "add", &g_if2, "netns", &gateway.name, "type", "veth", "peer", "name", &r_if, "netns", &resource.name])?;
+        let (c_if, g_if1, g_if2, r_if) = (
+            format!("c{id}"),
+            format!("g{id}a"),
+            format!("g{id}b"),
+            format!("r{id}"),
+        );
+        ip(&[
+            "link",
+            "add",
+            &c_if,
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &g_if1,
+            "netns",
+            &gateway.name,
+        ])?;
+        ip(&[
+            "link",
+            "add",
+            &g_if2,
+            "netns",
+            &gateway.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &r_if,
+            "netns",
+            &resource.name,
+        ])?;
         let client_outer = Ipv4Addr::new(10, 99, subnet, 2);
         let gateway_outer = Ipv4Addr::new(10, 99, subnet, 1);
-        client.exec(&["ip", "addr", "add", &format!("{client_outer}/24"), "dev", &c_if])?;
+        client.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{client_outer}/24"),
+            "dev",
+            &c_if,
+        ])?;
         client.exec(&["ip", "link", "set", &c_if, "up"])?;
-        gateway.exec(&["ip", "addr", "add", &format!("{gateway_outer}/24"), "dev", &g_if1])?;
+        gateway.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{gateway_outer}/24"),
+            "dev",
+            &g_if1,
+        ])?;
         gateway.exec(&["ip", "link", "set", &g_if1, "up"])?;
         gateway.exec(&["ip", "addr", "add", "10.10.1.1/24", "dev", &g_if2])?;
         gateway.exec(&["ip", "link", "set", &g_if2, "up"])?;

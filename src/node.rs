@@ -52,8 +52,10 @@ pub async fn http(listen: SocketAddr) -> anyhow::Result<()> {
 pub async fn http_get(to: SocketAddr, timeout: Duration) -> anyhow::Result<String> {
     tokio::time::timeout(timeout, async {
         let mut s = tokio::net::TcpStream::connect(to).await?;
-        s.write_all(format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         let text = String::from_utf8_lossy(&out).into_owned();

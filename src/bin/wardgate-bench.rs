@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use wardgate::node;
 
 #[derive(Debug, Parser)]
-#[command(name = "wardgate-bench", about = "Wardgate end-to-end benchmarks and test-network endpoints")]
+#[command(
+    name = "wardgate-bench",
+    about = "Wardgate end-to-end benchmarks and test-network endpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -50,9 +50,10 @@
 //!    `add_peer` and `handle_*` calls, as they can bring the next deadline forward.
 //! 5. The controller revokes a grant: [`Pep::remove_peer`], then tear down the session.
 
+pub use wardgate_common::packet;
+
 mod counters;
 mod flow;
-pub mod packet;
 mod peer;
 mod rule;
 #[cfg(test)]
