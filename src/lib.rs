@@ -3,6 +3,8 @@
 //! the harness that runs the real binaries, throwaway network namespaces, and the test-network
 //! endpoints (`wardgate-bench node …`).
 
+pub mod attack;
+pub mod dpnet;
 pub mod harness;
 pub mod netns;
 pub mod node;

@@ -177,3 +177,58 @@ pub async fn tcp_probe(to: SocketAddr, timeout: Duration) -> bool {
         Ok(Ok(_))
     )
 }
+
+/// One HTTP GET through a SOCKS5 proxy (no authentication, CONNECT to an IP literal).
+pub async fn socks_get(
+    proxy: SocketAddr,
+    to: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    tokio::time::timeout(timeout, async {
+        let mut s = tokio::net::TcpStream::connect(proxy).await?;
+        s.write_all(&[5, 1, 0]).await?;
+        let mut m = [0u8; 2];
+        s.read_exact(&mut m).await?;
+        if m != [5, 0] {
+            bail!("proxy refused no-auth: {m:?}");
+        }
+        let mut req = vec![5, 1, 0];
+        match to.ip() {
+            std::net::IpAddr::V4(v4) => {
+                req.push(1);
+                req.extend_from_slice(&v4.octets());
+            }
+            std::net::IpAddr::V6(v6) => {
+                req.push(4);
+                req.extend_from_slice(&v6.octets());
+            }
+        }
+        req.extend_from_slice(&to.port().to_be_bytes());
+        s.write_all(&req).await?;
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await?;
+        if head[1] != 0 {
+            bail!("SOCKS5 CONNECT refused with reply code {}", head[1]);
+        }
+        let rest = match head[3] {
+            1 => 4 + 2,
+            4 => 16 + 2,
+            other => bail!("unexpected address type {other}"),
+        };
+        let mut skip = vec![0u8; rest];
+        s.read_exact(&mut skip).await?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nhost: {to}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((h, body)) if h.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
+            _ => bail!("unexpected HTTP answer: {text:?}"),
+        }
+    })
+    .await
+    .context("SOCKS5 GET timed out")?
+}

@@ -53,6 +53,37 @@ enum Cmd {
     },
     /// Shows enrolment and connection state.
     Status,
+    /// Makes a WireGuard key pair: private key to FILE (0600), public key to stdout.
+    Genkey {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Brings up tunnels for grants given as files (what `connect` receives from the
+    /// controller), for testing and for sites that hand out grants by other means.
+    Tunnel {
+        /// A grant file (JSON `ClientGrant`); repeat for several, each followed by its --key.
+        #[arg(long = "grant", required = true)]
+        grants: Vec<PathBuf>,
+        /// The private key file for the grant at the same position.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// `tun` (needs admin rights) or `userspace`.
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// TUN interface name.
+        #[arg(long, default_value = "wardgate0")]
+        tun_name: String,
+        /// A local port forward `[ADDR:]PORT=RESOURCE:PORT` (userspace mode); repeatable.
+        #[arg(long = "forward")]
+        forwards: Vec<String>,
+        /// A local UDP port forward `[ADDR:]PORT=RESOURCE:PORT` (userspace mode); repeatable.
+        #[arg(long = "forward-udp")]
+        udp_forwards: Vec<String>,
+        /// Serve SOCKS5 on this loopback address (userspace mode).
+        #[arg(long)]
+        socks: Option<std::net::SocketAddr>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +156,25 @@ async fn real_main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Genkey { out } => {
+            let k = wardgate_common::keys::generate_private();
+            wardgate_common::files::write_secret(
+                &out,
+                wardgate_common::keys::encode_key(&k.to_bytes()).as_bytes(),
+            )?;
+            println!("{}", wardgate_common::keys::public_of(&k));
+        }
+        Cmd::Tunnel {
+            grants,
+            keys,
+            mode,
+            tun_name,
+            forwards,
+            udp_forwards,
+            socks,
+        } => {
+            tunnel(grants, keys, mode, tun_name, forwards, udp_forwards, socks).await?;
+        }
         Cmd::Status => {
             let st = wardgate_client::status::status(&dir).await?;
             if cli.json {
@@ -147,5 +197,92 @@ async fn real_main() -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn parse_forward(s: &str) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let (local, target) = s
+        .split_once('=')
+        .with_context(|| format!("--forward {s:?}: expected [ADDR:]PORT=RESOURCE:PORT"))?;
+    let local: std::net::SocketAddr = match local.parse::<u16>() {
+        Ok(port) => ([127, 0, 0, 1], port).into(),
+        Err(_) => local
+            .parse()
+            .with_context(|| format!("--forward {s:?}: bad local address"))?,
+    };
+    let target = target
+        .parse()
+        .with_context(|| format!("--forward {s:?}: bad resource address"))?;
+    Ok((local, target))
+}
+
+async fn tunnel(
+    grant_files: Vec<PathBuf>,
+    key_files: Vec<PathBuf>,
+    mode: String,
+    tun_name: String,
+    forwards: Vec<String>,
+    udp_forwards: Vec<String>,
+    socks: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use wardgate_client::datapath::{self, KeyedGrant, Mode};
+    if grant_files.len() != key_files.len() {
+        anyhow::bail!("give one --key per --grant");
+    }
+    let mut grants = Vec::new();
+    for (g, k) in grant_files.iter().zip(&key_files) {
+        let grant: wardgate_common::grant::ClientGrant = serde_json::from_slice(
+            &std::fs::read(g).with_context(|| format!("cannot read {}", g.display()))?,
+        )
+        .with_context(|| format!("{} is not a valid grant", g.display()))?;
+        let key = wardgate_common::keys::decode_private(&String::from_utf8(
+            wardgate_common::files::read_secret(k)?,
+        )?)?;
+        grants.push(KeyedGrant {
+            grant,
+            private_key: key,
+        });
+    }
+    let rules: Vec<wardgate_common::rule::Rule> =
+        grants.iter().flat_map(|g| g.grant.rules.clone()).collect();
+    let mode = match mode.as_str() {
+        "tun" => Mode::Tun { name: tun_name },
+        "userspace" => {
+            let forwards = forwards
+                .iter()
+                .map(|f| parse_forward(f))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let udp_forwards = udp_forwards
+                .iter()
+                .map(|f| parse_forward(f))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let allow_rules = rules.clone();
+            Mode::Userspace {
+                forwards,
+                udp_forwards,
+                socks,
+                allow: Some(Arc::new(move |dst: std::net::SocketAddr| {
+                    allow_rules.iter().any(|r| {
+                        r.matches(
+                            dst.ip(),
+                            wardgate_common::packet::protocol::TCP,
+                            Some(dst.port()),
+                        )
+                    })
+                })),
+                on_bound: Some(Arc::new(|addrs| {
+                    for a in addrs {
+                        println!("listening {a}");
+                    }
+                })),
+            }
+        }
+        other => anyhow::bail!("unknown mode {other:?}: use tun or userspace"),
+    };
+    let (_handle, task) =
+        datapath::start(mode, grants, wardgate_common::signal::shutdown()).await?;
+    println!("ready");
+    task.await?;
     Ok(())
 }

@@ -8,7 +8,9 @@
 pub mod dataplane;
 pub mod files;
 pub mod frame;
+pub mod grant;
 pub mod keys;
+pub mod netstack;
 pub mod packet;
 pub mod pki;
 pub mod proto;
@@ -16,6 +18,7 @@ pub mod rule;
 pub mod signal;
 pub mod tls;
 pub mod transport;
+pub mod tun;
 
 /// The version of this software, reported in hellos and `status` output.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -56,7 +56,7 @@ pub mod protocol {
 
 /// Why a buffer is not a packet the PEP will look at.
 ///
-/// Each variant maps to a [`DropReason`](super::DropReason) of the same name, so drops can
+/// Each variant maps to a `DropReason` of the gateway's filter with the same name, so drops can
 /// be counted and explained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {

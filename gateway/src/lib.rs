@@ -5,5 +5,7 @@
 //! * [`pep`]: the pure enforcement core: peer table, flow table, filter, expiry.
 
 pub mod control;
+pub mod datapath;
+pub mod local;
 pub mod pep;
 pub mod state;

@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use wardgate_common::proto::Secret;
 use wardgate_gateway::control::{self, JoinOptions, RunOptions};
+use wardgate_gateway::datapath::{self, BackendConfig, DatapathConfig};
+use wardgate_gateway::local::{self, LocalRequest, LocalResponse};
 use wardgate_gateway::state::StateDir;
 
 #[derive(Debug, Parser)]
@@ -46,6 +48,41 @@ enum Cmd {
         #[arg(long = "network")]
         networks: Vec<String>,
     },
+    /// Makes a WireGuard key pair: the private key goes to FILE (0600), the public key to
+    /// stdout.
+    Genkey {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Runs only the data plane, with grants installed through the local control socket
+    /// (`grant add`) instead of a controller: for testing, benchmarks and isolated sites.
+    Dataplane {
+        /// WireGuard UDP listen address.
+        #[arg(long, default_value = "0.0.0.0:51820")]
+        listen: std::net::SocketAddr,
+        /// The WireGuard private key file (see `genkey`).
+        #[arg(long)]
+        key_file: PathBuf,
+        /// `userspace` (no root: a userspace TCP/IP stack opens sockets to resources) or `tun`.
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// The prefix clients' tunnel addresses come from.
+        #[arg(long, default_value = "100.64.0.0/10")]
+        tunnel_net: ipnet::IpNet,
+        /// The local control socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// Installs or removes grants through the local control socket.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+    /// Prints the data plane's counters (per grant, drops by reason).
+    Stats {
+        /// The local control socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Keeps the control connection up and enforces grants.
     Run {
         /// Heartbeat interval.
@@ -55,6 +92,36 @@ enum Cmd {
         #[arg(long, default_value = "30s")]
         max_backoff: humantime::Duration,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum GrantCmd {
+    /// Installs a grant from a JSON file (a `GatewayGrant`).
+    Add {
+        /// The local control socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The grant.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Removes a grant at once.
+    Remove {
+        /// The local control socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The grant id.
+        grant_id: u64,
+    },
+}
+
+async fn local(socket: &std::path::Path, req: LocalRequest) -> anyhow::Result<()> {
+    match local::request(socket, &req).await? {
+        LocalResponse::Error { message } => bail!("{message}"),
+        LocalResponse::Stats { stats } => println!("{}", serde_json::to_string_pretty(&stats)?),
+        other => println!("{}", serde_json::to_string(&other)?),
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -122,6 +189,61 @@ async fn real_main() -> anyhow::Result<()> {
                 reg.networks.join(", ")
             );
         }
+        Cmd::Genkey { out } => {
+            let k = wardgate_common::keys::generate_private();
+            wardgate_common::files::write_secret(
+                &out,
+                wardgate_common::keys::encode_key(&k.to_bytes()).as_bytes(),
+            )?;
+            println!("{}", wardgate_common::keys::public_of(&k));
+        }
+        Cmd::Dataplane {
+            listen,
+            key_file,
+            mode,
+            tunnel_net,
+            socket,
+        } => {
+            let key = wardgate_common::keys::decode_private(&String::from_utf8(
+                wardgate_common::files::read_secret(&key_file)?,
+            )?)?;
+            let backend = match mode.as_str() {
+                "userspace" => BackendConfig::Userspace {
+                    tunnel_net,
+                    dialer: None,
+                },
+                "tun" => BackendConfig::Tun {
+                    name: "wardgate0".into(),
+                    tunnel_net,
+                },
+                other => bail!("unknown mode {other:?}: use userspace or tun"),
+            };
+            let (handle, task) = datapath::start(
+                DatapathConfig {
+                    listen,
+                    private_key: key,
+                    backend,
+                    pep: Default::default(),
+                },
+                wardgate_common::signal::shutdown(),
+            )
+            .await?;
+            let _server = local::serve(&socket, handle.clone()).await?;
+            println!("listening={}", handle.local_addr());
+            task.await?;
+            let _ = std::fs::remove_file(&socket);
+        }
+        Cmd::Grant(GrantCmd::Add { socket, file }) => {
+            let grant = serde_json::from_slice(
+                &std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
+            )
+            .context("the grant file is not a valid grant")?;
+            local(&socket, LocalRequest::Add { grant }).await?;
+        }
+        Cmd::Grant(GrantCmd::Remove { socket, grant_id }) => {
+            local(&socket, LocalRequest::Remove { grant_id }).await?;
+        }
+        Cmd::Stats { socket } => local(&socket, LocalRequest::Stats).await?,
         Cmd::Run {
             heartbeat,
             max_backoff,

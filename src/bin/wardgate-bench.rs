@@ -41,6 +41,18 @@ enum NodeCmd {
         #[arg(long, default_value = "10s")]
         timeout: humantime::Duration,
     },
+    /// One HTTP GET through a SOCKS5 proxy; prints the body.
+    SocksGet {
+        /// The proxy.
+        #[arg(long)]
+        proxy: SocketAddr,
+        /// The server behind it.
+        #[arg(long)]
+        to: SocketAddr,
+        /// Give up after this long.
+        #[arg(long, default_value = "10s")]
+        timeout: humantime::Duration,
+    },
     /// Receive TCP streams and answer their length and SHA-256.
     Sink {
         /// Listen address.
@@ -76,6 +88,37 @@ enum NodeCmd {
         /// Wait per datagram.
         #[arg(long, default_value = "1s")]
         timeout: humantime::Duration,
+    },
+    /// Write TCP SYNs the grant may not allow straight into its tunnel (a misbehaving client);
+    /// prints JSON with the replies seen.
+    SynAttack {
+        /// The grant file.
+        #[arg(long)]
+        grant: std::path::PathBuf,
+        /// The grant's private key file.
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// Source address to write (may be spoofed).
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        /// Target.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many SYNs.
+        #[arg(long, default_value_t = 5)]
+        count: u32,
+        /// How long to listen for replies.
+        #[arg(long, default_value = "2s")]
+        listen: humantime::Duration,
+    },
+    /// Send malformed datagrams to a WireGuard port.
+    Junk {
+        /// Target.
+        #[arg(long)]
+        to: SocketAddr,
+        /// How many.
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
     },
     /// Try one TCP connection; exit 0 if it was established.
     Probe {
@@ -114,6 +157,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             NodeCmd::Get { to, timeout } => {
                 print!("{}", node::http_get(to, timeout.into()).await?);
             }
+            NodeCmd::SocksGet { proxy, to, timeout } => {
+                print!("{}", node::socks_get(proxy, to, timeout.into()).await?);
+            }
             NodeCmd::Sink { listen } => node::tcp_sink(listen).await?,
             NodeCmd::Send { to, bytes, timeout } => {
                 let t = node::tcp_send(to, bytes, timeout.into()).await?;
@@ -129,6 +175,26 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 if ok == 0 {
                     return Ok(ExitCode::FAILURE);
                 }
+            }
+            NodeCmd::SynAttack {
+                grant,
+                key,
+                src,
+                to,
+                count,
+                listen,
+            } => {
+                let g: wardgate_common::grant::ClientGrant =
+                    serde_json::from_slice(&std::fs::read(&grant)?)?;
+                let k = wardgate_common::keys::decode_private(&String::from_utf8(std::fs::read(
+                    &key,
+                )?)?)?;
+                let r = wardgate::attack::syn_attack(&g, k, src, to, count, listen.into()).await?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            NodeCmd::Junk { to, count } => {
+                let n = wardgate::attack::junk(to, count).await?;
+                println!("{n}");
             }
             NodeCmd::Probe { to, timeout } => {
                 let d: Duration = timeout.into();
