@@ -82,15 +82,21 @@ pub struct DpNet {
     /// Grant A (the client's) and grant B (a second client's key, for spoofing tests).
     pub grants: Vec<GrantFiles>,
     procs: Vec<Proc>,
+    gateway_index: usize,
 }
 
 fn ms_now() -> i64 {
     wardgate_common::unix_ms(SystemTime::now())
 }
 
-fn rules() -> Vec<Rule> {
-    ["tcp 443", "tcp 5001", "udp 53"]
-        .iter()
+/// The test grants' default rules: tcp/443, tcp/5001 and udp/53 on 10.10.1.10.
+pub fn rules() -> Vec<Rule> {
+    rules_for(&["tcp 443", "tcp 5001", "udp 53"])
+}
+
+/// Rules on 10.10.1.10 from `"PROTO PORT"` strings.
+pub fn rules_for(list: &[&str]) -> Vec<Rule> {
+    list.iter()
         .filter_map(|s| {
             let (proto, port) = s.split_once(' ')?;
             serde_json::from_value(
@@ -161,6 +167,7 @@ impl DpNet {
             .arg(&socket);
         let gw = Proc::spawn(c, &logs, "gateway")?;
         let out_path = gw.stdout.clone();
+        let gateway_index = procs.len();
         procs.push(gw);
         wait_for(
             Duration::from_secs(20),
@@ -181,6 +188,7 @@ impl DpNet {
             client_mode,
             grants: Vec::new(),
             procs,
+            gateway_index,
         };
         for (id, addr) in [(1u64, TUNNEL_A), (2, TUNNEL_B), (3, TUNNEL_C)] {
             net.make_grant(id, addr, Duration::from_secs(3600))?;
@@ -208,6 +216,17 @@ impl DpNet {
         tunnel: Ipv4Addr,
         valid: Duration,
     ) -> anyhow::Result<usize> {
+        self.make_grant_with(id, tunnel, valid, rules())
+    }
+
+    /// Like [`DpNet::make_grant`] with explicit rules.
+    pub fn make_grant_with(
+        &mut self,
+        id: u64,
+        tunnel: Ipv4Addr,
+        valid: Duration,
+        rules: Vec<Rule>,
+    ) -> anyhow::Result<usize> {
         let key_file = self.dir.path().join(format!("grant-{id}.key"));
         let out = Command::new(bin("wardgate")?)
             .args(["genkey", "--out"])
@@ -225,7 +244,7 @@ impl DpNet {
             gateway_endpoint: self.endpoint,
             preshared_key: Secret::new(psk.clone()),
             tunnel_addr: IpAddr::V4(tunnel),
-            rules: rules(),
+            rules: rules.clone(),
             expires_at_ms,
         };
         let grant_file = self.dir.path().join(format!("grant-{id}.json"));
@@ -235,7 +254,7 @@ impl DpNet {
             client_public_key: client_public,
             preshared_key: Secret::new(psk),
             tunnel_addr: IpAddr::V4(tunnel),
-            rules: rules(),
+            rules,
             expires_at_ms,
             label: format!("test-client-{id} → ehr-web"),
         };
@@ -250,6 +269,11 @@ impl DpNet {
             key_file,
         });
         Ok(self.grants.len() - 1)
+    }
+
+    /// The gateway process id (the real binary, not the `ip netns exec` wrapper, which execs).
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.procs.get(self.gateway_index).and_then(Proc::id)
     }
 
     /// The grant with this id.
@@ -316,13 +340,21 @@ impl DpNet {
 
     /// Starts `wardgate tunnel` for grant A in the client namespace and waits until ready.
     pub fn start_client(&mut self) -> anyhow::Result<()> {
-        let g = self.grant(1).context("no grant 1")?;
+        self.start_client_with(&[1])
+    }
+
+    /// Starts `wardgate tunnel` with the given grants.
+    pub fn start_client_with(&mut self, ids: &[u64]) -> anyhow::Result<()> {
         let mut c = self.topo.client.command(&bin("wardgate")?);
         c.env("RUST_LOG", "info")
-            .args(["tunnel", "--mode", self.client_mode.as_str(), "--grant"])
-            .arg(&g.grant_file)
-            .arg("--key")
-            .arg(&g.key_file);
+            .args(["tunnel", "--mode", self.client_mode.as_str()]);
+        for id in ids {
+            let g = self.grant(*id).with_context(|| format!("no grant {id}"))?;
+            c.arg("--grant")
+                .arg(&g.grant_file)
+                .arg("--key")
+                .arg(&g.key_file);
+        }
         if self.client_mode == Mode::Userspace {
             for (port, target) in [(10443, WEB), (15001, SINK), (18080, WEB_OTHER_PORT)] {
                 c.args(["--forward", &format!("{port}={target}")]);

@@ -4,6 +4,7 @@
 //! endpoints (`wardgate-bench node …`).
 
 pub mod attack;
+pub mod bench;
 pub mod dpnet;
 pub mod harness;
 pub mod netns;

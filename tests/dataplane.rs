@@ -358,3 +358,62 @@ fn expiry_and_removal_stop_traffic() {
         );
     }
 }
+
+#[test]
+fn two_grants_share_a_host_on_different_ports() {
+    // One device address, two grants at one gateway: 443 through grant 1, 5001 through grant 5
+    // (different policies, different expiries). The client picks the grant per packet.
+    let mut net = DpNet::start(Mode::Tun, Mode::Tun).expect("network");
+    let hour = Duration::from_secs(3600);
+    net.make_grant_with(1, TUNNEL_A, hour, wardgate::dpnet::rules_for(&["tcp 443"]))
+        .expect("g1");
+    net.make_grant_with(5, TUNNEL_A, hour, wardgate::dpnet::rules_for(&["tcp 5001"]))
+        .expect("g5");
+    net.install_grant(1).expect("install 1");
+    net.install_grant(5).expect("install 5");
+    net.start_client_with(&[1, 5]).expect("client");
+    wait_for(Duration::from_secs(20), "GET through grant 1", || {
+        net.client_node(&["get", "--to", &WEB.to_string(), "--timeout", "3s"])
+            .ok()
+    })
+    .expect("GET");
+    let out = net
+        .client_node(&[
+            "send",
+            "--to",
+            &SINK.to_string(),
+            "--bytes",
+            &(32u64 << 20).to_string(),
+            "--timeout",
+            "60s",
+        ])
+        .expect("transfer through grant 5");
+    assert!(out.contains("\"hash_ok\":true"), "{out}");
+    let s = net.stats().expect("stats");
+    let count = |id: u64| {
+        s["grants"]
+            .as_array()
+            .and_then(|gs| gs.iter().find(|g| g["grant_id"] == id))
+            .and_then(|g| g["out_packets"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        count(1) >= 3 && count(1) < 1000,
+        "the GET went through grant 1: {s}"
+    );
+    assert!(count(5) > 10_000, "the transfer went through grant 5: {s}");
+    // Ending grant 5 at the gateway stops 5001 and leaves 443 working.
+    net.remove_grant(5).expect("remove 5");
+    let r = net.client_node(&[
+        "send",
+        "--to",
+        &SINK.to_string(),
+        "--bytes",
+        "100000",
+        "--timeout",
+        "3s",
+    ]);
+    assert!(r.is_err(), "5001 must stop with its grant: {r:?}");
+    net.client_node(&["get", "--to", &WEB.to_string(), "--timeout", "3s"])
+        .expect("443 still works");
+}

@@ -19,6 +19,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Data-plane throughput and memory in network namespaces (root); prints one JSON object.
+    Dataplane {
+        /// Print JSON (the only format; accepted for the documented command line).
+        #[arg(long)]
+        json: bool,
+        /// Bytes per transfer.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Transfers per figure (median reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Other grants installed for the scale figure.
+        #[arg(long, default_value_t = 10_000)]
+        peers: u32,
+    },
     /// A test-network endpoint (used by end-to-end tests and benches).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -131,6 +146,36 @@ enum NodeCmd {
     },
 }
 
+/// `cargo run --bin wardgate-bench` builds only this package; the bench also runs the gateway
+/// and client binaries, so build them with the same profile (a no-op when they are fresh).
+fn build_siblings() -> anyhow::Result<()> {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        return Ok(());
+    };
+    let release = std::env::current_exe()?
+        .parent()
+        .is_some_and(|d| d.ends_with("release"));
+    let mut c = std::process::Command::new(cargo);
+    c.args([
+        "build",
+        "--bins",
+        "-p",
+        "wardgate-gateway",
+        "-p",
+        "wardgate-client",
+        "-p",
+        "wardgate",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    let st = c.status()?;
+    if !st.success() {
+        anyhow::bail!("building the gateway and client binaries failed");
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -152,6 +197,22 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match cli.cmd {
+        Cmd::Dataplane {
+            json: _,
+            bytes,
+            runs,
+            peers,
+        } => {
+            build_siblings()?;
+            let opts = wardgate::bench::Options {
+                bytes,
+                runs,
+                extra_peers: peers,
+            };
+            let report =
+                tokio::task::spawn_blocking(move || wardgate::bench::dataplane(&opts)).await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Cmd::Node(n) => match n {
             NodeCmd::Http { listen } => node::http(listen).await?,
             NodeCmd::Get { to, timeout } => {

@@ -36,11 +36,14 @@ pub enum DropReason {
     NoFlow,
     /// The grant (or the gateway) already tracks as many flows as it may.
     FlowLimit,
+    /// The packet belongs to a connection another grant opened: grants of one device share
+    /// its tunnel address, and a connection is carried only by the grant that opened it.
+    FlowOwnedByOtherGrant,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Malformed,
         DropReason::Fragment,
         DropReason::IpOptions,
@@ -52,6 +55,7 @@ impl DropReason {
         DropReason::PortNotAllowed,
         DropReason::NoFlow,
         DropReason::FlowLimit,
+        DropReason::FlowOwnedByOtherGrant,
     ];
 
     /// A stable, machine-friendly name, e.g. for a Prometheus `reason` label.
@@ -68,6 +72,7 @@ impl DropReason {
             DropReason::PortNotAllowed => "port_not_allowed",
             DropReason::NoFlow => "no_flow",
             DropReason::FlowLimit => "flow_limit",
+            DropReason::FlowOwnedByOtherGrant => "flow_owned_by_other_grant",
         }
     }
 
@@ -94,6 +99,9 @@ impl fmt::Display for DropReason {
                 "not a reply to a connection the client opened (resources cannot open connections to clients)"
             }
             DropReason::FlowLimit => "too many open connections for this grant or gateway",
+            DropReason::FlowOwnedByOtherGrant => {
+                "the connection was opened through another grant of this device; it must stay on that grant"
+            }
         })
     }
 }

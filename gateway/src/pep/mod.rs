@@ -12,20 +12,42 @@
 //!   and live, its source is the grant's tunnel address, and it belongs to a flow the grant's
 //!   rules allowed when it opened. Anything else is dropped with a [`DropReason`].
 //! - **Source is bound to the tunnel.** The shell says which WireGuard session decrypted a
-//!   packet; a packet from grant B carrying grant A's tunnel address is
-//!   [`DropReason::SpoofedSource`], and A's flows are not touched.
+//!   packet; a packet whose source is not that grant's tunnel address is
+//!   [`DropReason::SpoofedSource`], and no flow is touched.
+//! - **One tunnel address per device, one grant per flow.** The controller gives each device
+//!   one tunnel address, and a device may hold several grants at this gateway at once (one
+//!   per resource, each with its own key, rules and expiry; the client picks the grant per
+//!   packet by 5-tuple), so several live grants may share a tunnel address. Grant ids and
+//!   client keys stay unique. Every flow belongs to the grant that opened it:
+//!   - a new flow is judged by the sending grant's rules alone;
+//!   - a packet (or an ICMP error quoting one) of a live flow another grant opened is
+//!     [`DropReason::FlowOwnedByOtherGrant`], and that flow is not refreshed, closed, taken
+//!     over or forwarded into: the first grant to open a 5-tuple holds it until the flow
+//!     goes idle or the grant goes;
+//!   - a packet toward a client goes to the owner of the flow its reverse 5-tuple names (for
+//!     an ICMP error, the flow of the packet it quotes), never to a grant chosen by address.
+//!
+//!   So grants sharing an address stay as isolated as grants that do not, even if two
+//!   devices were ever given one address.
 //! - **Resources never open connections to clients.** A packet toward a client passes only
 //!   as a reply to a flow that client opened (or an ICMP error about one); a TCP SYN from a
-//!   resource never does. Nothing from the resource side creates a flow.
+//!   resource never does. Nothing from the resource side creates a flow. A packet toward a
+//!   client that matches no live flow is [`DropReason::NoFlow`] and is charged to the
+//!   gateway's [`global_counters`](Pep::global_counters), not to a grant: a tunnel address
+//!   is a device's, possibly shared by several grants, so no one grant can be blamed for
+//!   unsolicited or late traffic to it. A packet that does match a flow is charged to the
+//!   flow's grant, passed or dropped.
 //! - **Expiry by the gateway's own clock.** From `now >= expires_at` on, no packet of that
 //!   grant passes in either direction, whether or not [`Pep::handle_timeout`] has run and
-//!   whether or not the controller is reachable. The grant's flows go at once.
+//!   whether or not the controller is reachable: a reply to its flow is
+//!   [`DropReason::Expired`]. The grant's flows go at once (so later replies are `NoFlow`);
+//!   other grants sharing its tunnel address keep theirs.
 //! - **Removal is immediate.** [`Pep::remove_peer`] drops the peer and all its flows before
-//!   it returns.
+//!   it returns, and nothing of the other grants sharing its tunnel address.
 //! - **Bounded work and memory.** Lookups are hash lookups (flows by 5-tuple, peers by grant
-//!   id, tunnel address and key) plus a scan of at most [`MAX_RULES_PER_PEER`] rules for new
-//!   flows; packets over 65,535 bytes, fragments and long IPv6 header chains are refused; flows per
-//!   grant and in total are capped ([`PepConfig`]). The maps use std's randomly keyed hasher,
+//!   id and key) plus a scan of at most [`MAX_RULES_PER_PEER`] rules for new flows; packets
+//!   over 65,535 bytes, fragments and long IPv6 header chains are refused; flows per grant
+//!   and in total are capped ([`PepConfig`]). The maps use std's randomly keyed hasher,
 //!   because clients choose ports and could otherwise aim for collisions.
 //! - **Never panics on packets.** The parser reads through `slice::get` only; a fuzz-style
 //!   test feeds random and truncated packets to both directions.
@@ -43,9 +65,9 @@
 //!    [`InboundVerdict::ForwardTo`]`(g)` encrypt it with `g`'s session.
 //! 4. When the instant from [`Pep::poll_timeout`] has come, call [`Pep::handle_timeout`],
 //!    then drain [`Pep::poll_event`]. On [`Event::PeerExpired`] tear down the session and call
-//!    [`Pep::remove_peer`] (an expired peer stays as a tombstone, counting what still arrives
-//!    for it as [`DropReason::Expired`], until removed). Packet handling can queue events too
-//!    (a packet may be the first to find its grant expired or its flow idle), so drain
+//!    [`Pep::remove_peer`] (an expired peer stays as a tombstone, counting what its session
+//!    still delivers as [`DropReason::Expired`], until removed). Packet handling can queue
+//!    events too (a packet may be the first to find its grant expired or its flow idle), so drain
 //!    `poll_event` after each batch of packets as well, and ask `poll_timeout` again after
 //!    `add_peer` and `handle_*` calls, as they can bring the next deadline forward.
 //! 5. The controller revokes a grant: [`Pep::remove_peer`], then tear down the session.
@@ -163,14 +185,12 @@ struct PeerEntry {
 pub struct Pep {
     config: PepConfig,
     peers: HashMap<GrantId, PeerEntry>,
-    /// Tunnel address -> grant holding it (live, or the latest tombstone).
-    by_addr: HashMap<IpAddr, GrantId>,
     /// Client public key -> grant holding it (live, or the latest tombstone).
     by_key: HashMap<[u8; 32], GrantId>,
     /// Live grants by expiry, ordered so the next one is first.
     expiries: BTreeSet<(Instant, GrantId)>,
     flows: FlowTable,
-    /// Drops no installed grant can own (unknown tunnel, traffic to no client).
+    /// Drops no installed grant can own (unknown tunnel, malformed, traffic matching no flow).
     global: Counters,
     events: VecDeque<Event>,
 }
@@ -188,7 +208,6 @@ impl Pep {
             flows: FlowTable::new(config.timeouts),
             config,
             peers: HashMap::new(),
-            by_addr: HashMap::new(),
             by_key: HashMap::new(),
             expiries: BTreeSet::new(),
             global: Counters::default(),
@@ -197,8 +216,10 @@ impl Pep {
     }
 
     /// Installs a grant's peer, after checking it can be enforced unambiguously: rules
-    /// present and well-formed, not expired, and its tunnel address and key not held by
-    /// another live grant (an expired one's are taken over).
+    /// present and well-formed, not expired, a usable tunnel address, and its key not held
+    /// by another live grant (an expired one's is taken over). The tunnel address may be
+    /// shared with other grants (of the same device): flows, not addresses, tell their
+    /// traffic apart.
     pub fn add_peer(&mut self, peer: Peer, now: Instant) -> Result<(), PeerError> {
         let grant = peer.grant_id;
         if self.peers.contains_key(&grant) {
@@ -239,21 +260,11 @@ impl Pep {
         if unusable {
             return Err(PeerError::InvalidTunnelAddress { grant, addr });
         }
-        if let Some(&held_by) = self.by_addr.get(&addr)
-            && self.is_live_entry(held_by)
-        {
-            return Err(PeerError::TunnelAddressInUse {
-                grant,
-                addr,
-                held_by,
-            });
-        }
         if let Some(&held_by) = self.by_key.get(&peer.client_public_key)
             && self.is_live_entry(held_by)
         {
             return Err(PeerError::ClientKeyInUse { grant, held_by });
         }
-        self.by_addr.insert(addr, grant);
         self.by_key.insert(peer.client_public_key, grant);
         self.expiries.insert((peer.expires_at, grant));
         self.peers.insert(
@@ -270,16 +281,14 @@ impl Pep {
 
     /// Removes a grant's peer (live or expired) and all its flows at once: from this call
     /// on, nothing passes for it in either direction. Returns the peer, or `None` if it was
-    /// not installed. Read its [`counters`](Self::counters) first if they are wanted.
+    /// not installed. Other grants sharing its tunnel address are not touched. Read its
+    /// [`counters`](Self::counters) first if they are wanted.
     pub fn remove_peer(&mut self, grant_id: GrantId) -> Option<Peer> {
         let entry = self.peers.remove(&grant_id)?;
         for key in &entry.flows {
             self.flows.remove(key);
         }
         self.expiries.remove(&(entry.peer.expires_at, grant_id));
-        if self.by_addr.get(&entry.peer.tunnel_addr) == Some(&grant_id) {
-            self.by_addr.remove(&entry.peer.tunnel_addr);
-        }
         if self.by_key.get(&entry.peer.client_public_key) == Some(&grant_id) {
             self.by_key.remove(&entry.peer.client_public_key);
         }
@@ -309,7 +318,9 @@ impl Pep {
 
     /// Decides on a packet from the resource side (resource to client): it passes only as
     /// a reply to a live flow a client opened, or as an ICMP error about one, and goes to the
-    /// grant that owns that flow.
+    /// grant that owns that flow (found from the flow table, never from the destination
+    /// address, which grants of one device share). It is counted on that grant; a packet
+    /// matching no flow is counted on the [`global_counters`](Self::global_counters).
     pub fn handle_inbound(&mut self, packet: &[u8], now: Instant) -> InboundVerdict {
         let (result, owner) = self.inbound(packet, now);
         let counters = match owner.and_then(|g| self.peers.get_mut(&g)) {
@@ -390,7 +401,8 @@ impl Pep {
     }
 
     /// Drops no installed grant could own: packets on unknown tunnels, malformed packets and
-    /// unsolicited traffic from the resource side to addresses of no client.
+    /// traffic from the resource side that matches no live flow (unsolicited or late; a
+    /// tunnel address may be shared by several grants, so it names no one grant).
     pub fn global_counters(&self) -> &Counters {
         &self.global
     }
@@ -446,26 +458,23 @@ impl Pep {
         Ok(())
     }
 
-    /// The state of `grant`'s live flow under `key`; an idle flow found here is reaped.
-    fn live_flow(&mut self, key: &FlowKey, grant: GrantId, now: Instant) -> Option<FlowState> {
+    /// The owner and state of the live flow under `key`. An idle flow found here is reaped
+    /// (whoever owned it): a flow past its deadline is gone for every lookup.
+    fn live_flow(&mut self, key: &FlowKey, now: Instant) -> Option<(GrantId, FlowState)> {
         let (flow, idle) = self.flows.get(key, now)?;
         let (owner, state) = (flow.grant, flow.state);
-        if idle || owner != grant {
-            // `owner != grant` cannot happen (flows go with their peer and tunnel addresses
-            // are unique among live peers), but if it did the flow must not be used.
+        if idle {
             self.flows.remove(key);
             if let Some(entry) = self.peers.get_mut(&owner) {
                 entry.flows.remove(key);
             }
-            if idle {
-                self.events.push_back(Event::FlowExpired {
-                    grant_id: owner,
-                    flow: *key,
-                });
-            }
+            self.events.push_back(Event::FlowExpired {
+                grant_id: owner,
+                flow: *key,
+            });
             return None;
         }
-        Some(state)
+        Some((owner, state))
     }
 
     /// Opens a flow for `grant`, within the limits.
@@ -529,24 +538,36 @@ impl Pep {
             Transport::Icmp(Icmp::EchoRequest { id }) => {
                 (Some(key(id, 0)), Some(FlowState::Unreplied), None, None)
             }
-            Transport::Icmp(Icmp::Error(Some(quoted)))
-                if self.related_outbound(grant, &packet, &quoted, now) =>
-            {
-                return Ok(());
+            Transport::Icmp(Icmp::Error(Some(quoted))) => {
+                match self.related_outbound(&packet, &quoted, now) {
+                    // An error about one of the grant's own flows goes back to its resource.
+                    Some(owner) if owner == grant => return Ok(()),
+                    // One about another grant's flow could break that connection.
+                    Some(_) => return Err(DropReason::FlowOwnedByOtherGrant),
+                    // About nothing tracked: like other ICMP below.
+                    None => (None, None, None, None),
+                }
             }
             // Other ICMP (errors about nothing tracked, echo replies, ...) passes if a rule
             // allows ICMP to the destination, and opens no flow.
             Transport::Icmp(_) => (None, None, None, None),
             Transport::Other => (Some(key(0, 0)), Some(FlowState::Unreplied), None, None),
         };
-        // Fast path: a packet of a live flow was allowed when the flow opened, and a peer's
-        // rules never change.
-        if let Some(key) = &key
-            && let Some(state) = self.live_flow(key, grant, now)
-        {
-            let next = tcp_flags.map_or(state, |flags| state.tcp_outbound(flags));
-            self.flows.touch(key, next, now);
-            return Ok(());
+        if let Some(key) = &key {
+            match self.live_flow(key, now) {
+                // Fast path: a packet of a live flow was allowed when the flow opened, and a
+                // peer's rules never change.
+                Some((owner, state)) if owner == grant => {
+                    let next = tcp_flags.map_or(state, |flags| state.tcp_outbound(flags));
+                    self.flows.touch(key, next, now);
+                    return Ok(());
+                }
+                // Another grant of the same tunnel address opened this 5-tuple: it is that
+                // grant's alone. Forwarding would let this grant inject into (or reset) the
+                // connection, and the flow is neither refreshed, moved nor closed.
+                Some(_) => return Err(DropReason::FlowOwnedByOtherGrant),
+                None => {}
+            }
         }
         let entry = self.peers.get(&grant).ok_or(DropReason::UnknownPeer)?;
         rule::evaluate(&entry.peer.rules, dst, packet.protocol, dst_port)?;
@@ -556,23 +577,17 @@ impl Pep {
         }
     }
 
-    /// Whether an ICMP error from the client is about a packet of one of its live flows
-    /// (quoted packet: resource to client), sent back to that resource.
-    fn related_outbound(
-        &mut self,
-        grant: GrantId,
-        outer: &Packet,
-        q: &Quoted,
-        now: Instant,
-    ) -> bool {
+    /// The owner of the live flow an ICMP error from a client is about (quoted packet:
+    /// resource to client), if the error goes back to that flow's resource.
+    fn related_outbound(&mut self, outer: &Packet, q: &Quoted, now: Instant) -> Option<GrantId> {
         if q.dst != outer.src || q.src != outer.dst {
-            return false;
+            return None;
         }
         let (client_port, resource_port) = match q.transport {
             QuotedTransport::Ports { src_port, dst_port } => (dst_port, src_port),
             QuotedTransport::EchoReply { id } => (id, 0),
             QuotedTransport::Other => (0, 0),
-            QuotedTransport::EchoRequest { .. } | QuotedTransport::IcmpOther => return false,
+            QuotedTransport::EchoRequest { .. } | QuotedTransport::IcmpOther => return None,
         };
         let key = FlowKey {
             protocol: q.protocol,
@@ -581,10 +596,11 @@ impl Pep {
             resource: q.src,
             resource_port,
         };
-        self.live_flow(&key, grant, now).is_some()
+        self.live_flow(&key, now).map(|(owner, _)| owner)
     }
 
-    /// The verdict on an inbound packet, and the grant its counters belong to.
+    /// The verdict on an inbound packet, and the grant its counters belong to: the owner of
+    /// the flow it matches, or `None` (the gateway's counters) if it matches none.
     fn inbound(
         &mut self,
         buf: &[u8],
@@ -594,20 +610,6 @@ impl Pep {
             Ok(p) => p,
             Err(e) => return (Err(e.into()), None),
         };
-        let Some(&grant) = self.by_addr.get(&packet.dst) else {
-            return (Err(DropReason::NoFlow), None);
-        };
-        let result = self.inbound_for(grant, &packet, now);
-        (result.map(|()| grant), Some(grant))
-    }
-
-    fn inbound_for(
-        &mut self,
-        grant: GrantId,
-        packet: &Packet,
-        now: Instant,
-    ) -> Result<(), DropReason> {
-        self.check_live(grant, now)?;
         // Reversed: the packet goes resource -> client, the key is written client-side.
         let key = |client_port, resource_port| FlowKey {
             protocol: packet.protocol,
@@ -616,64 +618,80 @@ impl Pep {
             resource: packet.src,
             resource_port,
         };
-        let (key, tcp_flags) = match packet.transport {
+        // The flow the packet would belong to, and what it does to it.
+        let (key, action) = match packet.transport {
             Transport::Tcp {
                 src_port,
                 dst_port,
                 flags,
             } => {
-                if flags.is_connection_request() {
-                    return Err(DropReason::NoFlow);
-                }
-                (key(dst_port, src_port), Some(flags))
-            }
-            Transport::Udp { src_port, dst_port } => (key(dst_port, src_port), None),
-            Transport::Icmp(Icmp::EchoReply { id }) => (key(id, 0), None),
-            Transport::Icmp(Icmp::Error(Some(quoted))) => {
-                return if self.related_inbound(grant, packet, &quoted, now) {
-                    Ok(())
+                let action = if flags.is_connection_request() {
+                    Reply::Refuse
                 } else {
-                    Err(DropReason::NoFlow)
+                    Reply::Tcp(flags)
                 };
+                (Some(key(dst_port, src_port)), action)
             }
-            Transport::Icmp(_) => return Err(DropReason::NoFlow),
-            Transport::Other => (key(0, 0), None),
+            Transport::Udp { src_port, dst_port } => (Some(key(dst_port, src_port)), Reply::Other),
+            Transport::Icmp(Icmp::EchoReply { id }) => (Some(key(id, 0)), Reply::Other),
+            Transport::Icmp(Icmp::Error(Some(quoted))) => {
+                (related_inbound_key(&packet, &quoted), Reply::Related)
+            }
+            Transport::Icmp(_) => (None, Reply::Refuse),
+            Transport::Other => (Some(key(0, 0)), Reply::Other),
         };
-        let state = self.live_flow(&key, grant, now).ok_or(DropReason::NoFlow)?;
-        let next = match tcp_flags {
-            Some(flags) => state.tcp_inbound(flags),
-            None => FlowState::Replied,
+        let Some((key, owner, state)) =
+            key.and_then(|k| self.live_flow(&k, now).map(|(g, st)| (k, g, st)))
+        else {
+            return (Err(DropReason::NoFlow), None);
         };
-        self.flows.touch(&key, next, now);
-        Ok(())
+        let result = self.check_live(owner, now).and_then(|()| {
+            let next = match action {
+                // A resource opening a connection, even on a flow's 5-tuple.
+                Reply::Refuse => return Err(DropReason::NoFlow),
+                // An error about the flow (maybe from a router on the way) does not refresh it.
+                Reply::Related => return Ok(owner),
+                Reply::Tcp(flags) => state.tcp_inbound(flags),
+                Reply::Other => FlowState::Replied,
+            };
+            self.flows.touch(&key, next, now);
+            Ok(owner)
+        });
+        (result, Some(owner))
     }
+}
 
-    /// Whether an ICMP error toward a client is about a packet of one of its live flows
-    /// (quoted packet: client to resource). The error may come from a router on the way, so
-    /// its own source is not checked; it does not refresh the flow.
-    fn related_inbound(
-        &mut self,
-        grant: GrantId,
-        outer: &Packet,
-        q: &Quoted,
-        now: Instant,
-    ) -> bool {
-        if q.src != outer.dst {
-            return false;
-        }
-        let (client_port, resource_port) = match q.transport {
-            QuotedTransport::Ports { src_port, dst_port } => (src_port, dst_port),
-            QuotedTransport::EchoRequest { id } => (id, 0),
-            QuotedTransport::Other => (0, 0),
-            QuotedTransport::EchoReply { .. } | QuotedTransport::IcmpOther => return false,
-        };
-        let key = FlowKey {
-            protocol: q.protocol,
-            client: q.src,
-            client_port,
-            resource: q.dst,
-            resource_port,
-        };
-        self.live_flow(&key, grant, now).is_some()
+/// What an inbound packet does to the flow it matches.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    /// A TCP segment with these flags: refreshes the flow and moves its state.
+    Tcp(packet::TcpFlags),
+    /// A reply of another protocol: refreshes the flow, now replied.
+    Other,
+    /// An ICMP error about the flow: passes, refreshes nothing.
+    Related,
+    /// Never passes (a TCP connection request, an ICMP message that is no reply).
+    Refuse,
+}
+
+/// The flow (client side) an ICMP error toward a client is about (quoted packet: client to
+/// resource). The error may come from a router on the way, so its own source is not
+/// checked; the quoted packet must be from the client the error goes to.
+fn related_inbound_key(outer: &Packet, q: &Quoted) -> Option<FlowKey> {
+    if q.src != outer.dst {
+        return None;
     }
+    let (client_port, resource_port) = match q.transport {
+        QuotedTransport::Ports { src_port, dst_port } => (src_port, dst_port),
+        QuotedTransport::EchoRequest { id } => (id, 0),
+        QuotedTransport::Other => (0, 0),
+        QuotedTransport::EchoReply { .. } | QuotedTransport::IcmpOther => return None,
+    };
+    Some(FlowKey {
+        protocol: q.protocol,
+        client: q.src,
+        client_port,
+        resource: q.dst,
+        resource_port,
+    })
 }

@@ -29,7 +29,9 @@ pub struct Peer {
     pub client_public_key: [u8; 32],
     /// The per-grant WireGuard preshared key. Secret: never printed, not even by `Debug`.
     pub preshared_key: [u8; 32],
-    /// The only source address this peer's packets may carry, and where replies go.
+    /// The only source address this peer's packets may carry. It is the device's address,
+    /// so several grants of one device may share it; replies find their grant through the
+    /// flow they belong to, not through this address.
     pub tunnel_addr: IpAddr,
     /// What the client may open; at least one, at most
     /// [`MAX_RULES_PER_PEER`](super::MAX_RULES_PER_PEER).
@@ -103,16 +105,6 @@ pub enum PeerError {
         grant: GrantId,
         /// The address given.
         addr: IpAddr,
-    },
-    /// Another live grant already uses this tunnel address; replies could not be told apart.
-    #[error("{grant}: tunnel address {addr} is already used by live {held_by}")]
-    TunnelAddressInUse {
-        /// The grant being added.
-        grant: GrantId,
-        /// The address.
-        addr: IpAddr,
-        /// The live grant holding it.
-        held_by: GrantId,
     },
     /// Another live grant already uses this client public key; WireGuard could not tell
     /// their sessions apart.

@@ -324,6 +324,375 @@ fn second_client_claiming_first_clients_address_is_dropped() {
     assert_eq!(pep.counters(A).unwrap().dropped.total(), 0);
 }
 
+// ---- grants sharing one tunnel address (one device, one grant per resource) ----
+
+/// The PACS server: DICOM on tcp/104, its web viewer on tcp/443.
+fn pacs() -> IpAddr {
+    v4(10, 20, 0, 7)
+}
+
+/// The one tunnel address of the device holding every grant below.
+fn device() -> IpAddr {
+    v4(100, 64, 0, 9)
+}
+
+/// One device with two grants on the PACS through one tunnel address: A for DICOM
+/// (tcp/104, 10 minutes) and B for the viewer (tcp/443, 1 hour).
+fn shared_setup() -> (Pep, Instant) {
+    let t0 = Instant::now();
+    let mut pep = Pep::default();
+    let dicom = peer(A, 1, device(), vec![tcp_rule(pacs(), 104)], t0 + secs(600));
+    pep.add_peer(dicom, t0).unwrap();
+    let viewer = peer(B, 2, device(), vec![tcp_rule(pacs(), 443)], t0 + secs(3600));
+    pep.add_peer(viewer, t0).unwrap();
+    (pep, t0)
+}
+
+#[test]
+fn grants_sharing_a_tunnel_address_each_get_their_own_replies() {
+    let (mut pep, t0) = shared_setup();
+    assert_eq!(pep.peer_count(), 2);
+    assert_eq!(pep.grant_for_key(&[1; 32], t0), Some(A));
+    assert_eq!(pep.grant_for_key(&[2; 32], t0), Some(B));
+
+    let dicom = tcp(device(), 50000, pacs(), 104, SYN);
+    let viewer = tcp(device(), 50001, pacs(), 443, SYN);
+    assert_eq!(pep.handle_outbound(A, &dicom, t0), Verdict::Forward);
+    assert_eq!(pep.handle_outbound(B, &viewer, t0), Verdict::Forward);
+    assert_eq!(pep.flow_count(), 2);
+
+    // Each reply goes to the grant whose flow it answers, though both have one address.
+    let dicom_reply = tcp(pacs(), 104, device(), 50000, SYN_ACK);
+    let viewer_reply = tcp(pacs(), 443, device(), 50001, SYN_ACK);
+    assert_eq!(
+        pep.handle_inbound(&viewer_reply, t0),
+        InboundVerdict::ForwardTo(B)
+    );
+    assert_eq!(
+        pep.handle_inbound(&dicom_reply, t0),
+        InboundVerdict::ForwardTo(A)
+    );
+    let ack_a = tcp(device(), 50000, pacs(), 104, ACK);
+    let ack_b = tcp(device(), 50001, pacs(), 443, ACK);
+    assert_eq!(pep.handle_outbound(A, &ack_a, t0), Verdict::Forward);
+    assert_eq!(pep.handle_outbound(B, &ack_b, t0), Verdict::Forward);
+
+    // ICMP errors (here from a router) go to the grant of the flow they quote.
+    let router = v4(10, 20, 0, 1);
+    let about_b = icmp_error(router, device(), &viewer);
+    let about_a = icmp_error(router, device(), &dicom);
+    assert_eq!(
+        pep.handle_inbound(&about_b, t0),
+        InboundVerdict::ForwardTo(B)
+    );
+    assert_eq!(
+        pep.handle_inbound(&about_a, t0),
+        InboundVerdict::ForwardTo(A)
+    );
+
+    for (g, out, inb) in [
+        (
+            A,
+            dicom.len() + ack_a.len(),
+            dicom_reply.len() + about_a.len(),
+        ),
+        (
+            B,
+            viewer.len() + ack_b.len(),
+            viewer_reply.len() + about_b.len(),
+        ),
+    ] {
+        let c = pep.counters(g).unwrap();
+        assert_eq!((c.out_packets, c.in_packets), (2, 2), "{g}");
+        assert_eq!((c.out_bytes, c.in_bytes), (out as u64, inb as u64), "{g}");
+        assert_eq!(c.dropped.total(), 0, "{g}");
+    }
+
+    // Unsolicited traffic to the shared address is no one grant's: counted on the gateway.
+    let unsolicited = tcp(pacs(), 443, device(), 50002, ACK);
+    assert_eq!(
+        pep.handle_inbound(&unsolicited, t0),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+    let probe = tcp(pacs(), 40000, device(), 22, SYN);
+    assert_eq!(
+        pep.handle_inbound(&probe, t0),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+    assert_eq!(pep.global_counters().dropped.get(DropReason::NoFlow), 2);
+    assert_eq!(pep.counters(A).unwrap().dropped.total(), 0);
+    assert_eq!(pep.counters(B).unwrap().dropped.total(), 0);
+    assert_eq!(pep.flow_count(), 2);
+}
+
+#[test]
+fn a_grant_cannot_use_or_disturb_another_grants_flow_on_a_shared_address() {
+    let (mut pep, t0) = shared_setup();
+    // C, a third grant on the same address, may reach both ports and ping the PACS: its
+    // packets below are refused for the flow's owner, not for its rules.
+    let c = GrantId(3);
+    let rules_c = vec![
+        tcp_rule(pacs(), 104),
+        tcp_rule(pacs(), 443),
+        Rule {
+            dst: IpPrefix::host(pacs()),
+            proto: Proto::Icmp,
+            ports: None,
+        },
+    ];
+    pep.add_peer(peer(c, 3, device(), rules_c, t0 + secs(3600)), t0)
+        .unwrap();
+
+    let syn = tcp(device(), 50000, pacs(), 104, SYN);
+    assert_eq!(pep.handle_outbound(A, &syn, t0), Verdict::Forward);
+
+    // B (not granted tcp/104) and C (granted it) send on A's exact 5-tuple: a new SYN, data,
+    // a reset, a FIN; C also sends an ICMP error about A's connection to the PACS.
+    let on_a_flow = [
+        tcp(device(), 50000, pacs(), 104, SYN),
+        tcp(device(), 50000, pacs(), 104, ACK),
+        tcp(device(), 50000, pacs(), 104, RST),
+        tcp(device(), 50000, pacs(), 104, TcpFlags::FIN | ACK),
+    ];
+    let now = t0 + secs(1);
+    for g in [B, c] {
+        for p in &on_a_flow {
+            assert_eq!(
+                pep.handle_outbound(g, p, now),
+                Verdict::Drop(DropReason::FlowOwnedByOtherGrant),
+                "{g}"
+            );
+        }
+    }
+    let quoted = tcp(pacs(), 104, device(), 50000, SYN_ACK);
+    let error_c = icmp_error(device(), pacs(), &quoted);
+    assert_eq!(
+        pep.handle_outbound(c, &error_c, now),
+        Verdict::Drop(DropReason::FlowOwnedByOtherGrant)
+    );
+    let owned = |pep: &Pep, g| {
+        pep.counters(g)
+            .unwrap()
+            .dropped
+            .get(DropReason::FlowOwnedByOtherGrant)
+    };
+    assert_eq!((owned(&pep, B), owned(&pep, c)), (4, 5));
+    assert_eq!(pep.counters(c).unwrap().out_packets, 0);
+    assert_eq!(pep.flow_count(), 1);
+
+    // A's flow is untouched: neither reset (a closed flow would be gone 10 s later) nor
+    // taken over; the reply goes to A, and A keeps talking.
+    pep.handle_timeout(t0 + secs(12));
+    assert_eq!(pep.flow_count(), 1);
+    assert!(drain(&mut pep).is_empty());
+    assert_eq!(
+        pep.handle_inbound(&quoted, t0 + secs(12)),
+        InboundVerdict::ForwardTo(A)
+    );
+    let ack = tcp(device(), 50000, pacs(), 104, ACK);
+    assert_eq!(
+        pep.handle_outbound(A, &ack, t0 + secs(12)),
+        Verdict::Forward
+    );
+    let a = pep.counters(A).unwrap();
+    assert_eq!((a.out_packets, a.in_packets, a.dropped.total()), (2, 1, 0));
+
+    // Once A closes it and the flow has gone idle, the 5-tuple is free: C may open it under
+    // its own rules, and the replies are C's.
+    let rst = tcp(device(), 50000, pacs(), 104, RST);
+    assert_eq!(
+        pep.handle_outbound(A, &rst, t0 + secs(13)),
+        Verdict::Forward
+    );
+    let later = t0 + secs(23);
+    assert_eq!(pep.handle_outbound(c, &syn, later), Verdict::Forward);
+    assert_eq!(
+        pep.handle_inbound(&quoted, later),
+        InboundVerdict::ForwardTo(c)
+    );
+    assert_eq!(
+        pep.handle_outbound(A, &ack, later),
+        Verdict::Drop(DropReason::FlowOwnedByOtherGrant)
+    );
+    assert_eq!(pep.flow_count(), 1);
+}
+
+#[test]
+fn new_flow_on_a_shared_address_is_judged_by_the_sending_grants_rules() {
+    let (mut pep, t0) = shared_setup();
+    // B carries the device's (shared) source address, but DICOM is only A's.
+    let dicom_by_b = tcp(device(), 50002, pacs(), 104, SYN);
+    assert_eq!(
+        pep.handle_outbound(B, &dicom_by_b, t0),
+        Verdict::Drop(DropReason::PortNotAllowed)
+    );
+    let dns_by_b = udp(device(), 50003, pacs(), 53, b"q");
+    assert_eq!(
+        pep.handle_outbound(B, &dns_by_b, t0),
+        Verdict::Drop(DropReason::ProtocolNotAllowed)
+    );
+    // And the viewer is only B's.
+    let viewer_by_a = tcp(device(), 50004, pacs(), 443, SYN);
+    assert_eq!(
+        pep.handle_outbound(A, &viewer_by_a, t0),
+        Verdict::Drop(DropReason::PortNotAllowed)
+    );
+    // The source must still be the grant's own address.
+    let spoofed = tcp(v4(100, 64, 0, 10), 50005, pacs(), 443, SYN);
+    assert_eq!(
+        pep.handle_outbound(B, &spoofed, t0),
+        Verdict::Drop(DropReason::SpoofedSource)
+    );
+    assert_eq!(pep.flow_count(), 0);
+    let b = pep.counters(B).unwrap();
+    assert_eq!(b.dropped.get(DropReason::PortNotAllowed), 1);
+    assert_eq!(b.dropped.get(DropReason::ProtocolNotAllowed), 1);
+    assert_eq!(b.dropped.get(DropReason::SpoofedSource), 1);
+    let a = pep.counters(A).unwrap();
+    assert_eq!(a.dropped.get(DropReason::PortNotAllowed), 1);
+    assert_eq!(a.dropped.total(), 1);
+    // No flow was opened, so the PACS cannot answer through either grant.
+    let reply = tcp(pacs(), 104, device(), 50002, SYN_ACK);
+    assert_eq!(
+        pep.handle_inbound(&reply, t0),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+}
+
+#[test]
+fn removing_one_grant_of_a_shared_address_leaves_the_others() {
+    let (mut pep, t0) = shared_setup();
+    let dicom = tcp(device(), 50000, pacs(), 104, SYN);
+    let viewer = tcp(device(), 50001, pacs(), 443, SYN);
+    assert_eq!(pep.handle_outbound(A, &dicom, t0), Verdict::Forward);
+    assert_eq!(pep.handle_outbound(B, &viewer, t0), Verdict::Forward);
+
+    assert_eq!(pep.remove_peer(A).unwrap().grant_id, A);
+    assert_eq!(pep.flow_count(), 1);
+    // A's replies and packets are dropped...
+    let dicom_reply = tcp(pacs(), 104, device(), 50000, SYN_ACK);
+    assert_eq!(
+        pep.handle_inbound(&dicom_reply, t0),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+    assert_eq!(
+        pep.handle_outbound(A, &tcp(device(), 50000, pacs(), 104, ACK), t0),
+        Verdict::Drop(DropReason::UnknownPeer)
+    );
+    // ... and B's flow, its mappings and its new flows work on the same address.
+    let viewer_reply = tcp(pacs(), 443, device(), 50001, SYN_ACK);
+    assert_eq!(
+        pep.handle_inbound(&viewer_reply, t0),
+        InboundVerdict::ForwardTo(B)
+    );
+    let second = tcp(device(), 50002, pacs(), 443, SYN);
+    assert_eq!(pep.handle_outbound(B, &second, t0), Verdict::Forward);
+    assert_eq!(
+        pep.handle_inbound(&tcp(pacs(), 443, device(), 50002, SYN_ACK), t0),
+        InboundVerdict::ForwardTo(B)
+    );
+    assert_eq!(pep.grant_for_key(&[2; 32], t0), Some(B));
+    assert_eq!(pep.grant_for_key(&[1; 32], t0), None);
+    assert_eq!(pep.counters(B).unwrap().dropped.total(), 0);
+
+    // The device gets DICOM back through a new grant on the same address.
+    let renewed = GrantId(4);
+    pep.add_peer(
+        peer(
+            renewed,
+            1,
+            device(),
+            vec![tcp_rule(pacs(), 104)],
+            t0 + secs(600),
+        ),
+        t0,
+    )
+    .unwrap();
+    assert_eq!(pep.handle_outbound(renewed, &dicom, t0), Verdict::Forward);
+    assert_eq!(
+        pep.handle_inbound(&dicom_reply, t0),
+        InboundVerdict::ForwardTo(renewed)
+    );
+    assert_eq!(pep.flow_count(), 3);
+}
+
+#[test]
+fn expiry_of_one_grant_of_a_shared_address_leaves_the_others() {
+    let (mut pep, t0) = shared_setup();
+    let end_a = t0 + secs(600);
+    let dicom = tcp(device(), 50000, pacs(), 104, SYN);
+    let viewer = tcp(device(), 50001, pacs(), 443, SYN);
+    let dicom_reply = tcp(pacs(), 104, device(), 50000, ACK);
+    let viewer_reply = tcp(pacs(), 443, device(), 50001, ACK);
+    assert_eq!(pep.handle_outbound(A, &dicom, t0), Verdict::Forward);
+    assert_eq!(pep.handle_outbound(B, &viewer, t0), Verdict::Forward);
+    for (reply, g) in [(&dicom_reply, A), (&viewer_reply, B)] {
+        assert_eq!(
+            pep.handle_inbound(reply, t0 + secs(1)),
+            InboundVerdict::ForwardTo(g)
+        );
+    }
+    // Both flows are established, so nothing happens until A's expiry.
+    pep.handle_timeout(end_a - Duration::from_nanos(1));
+    assert!(drain(&mut pep).is_empty());
+    assert_eq!(pep.flow_count(), 2);
+
+    // At A's expiry, before handle_timeout: A's reply finds A's flow and is dropped as
+    // Expired, charged to A; B's traffic on the same address goes on.
+    assert_eq!(
+        pep.handle_inbound(&dicom_reply, end_a),
+        InboundVerdict::Drop(DropReason::Expired)
+    );
+    assert_eq!(
+        pep.handle_inbound(&viewer_reply, end_a),
+        InboundVerdict::ForwardTo(B)
+    );
+    assert_eq!(
+        pep.handle_outbound(A, &tcp(device(), 50000, pacs(), 104, ACK), end_a),
+        Verdict::Drop(DropReason::Expired)
+    );
+    assert_eq!(
+        pep.handle_outbound(B, &tcp(device(), 50001, pacs(), 443, ACK), end_a),
+        Verdict::Forward
+    );
+    assert_eq!(drain(&mut pep), vec![Event::PeerExpired { grant_id: A }]);
+    assert_eq!(pep.counters(A).unwrap().dropped.get(DropReason::Expired), 2);
+    // Only A's flow went.
+    assert_eq!(pep.flow_count(), 1);
+    assert_eq!(
+        pep.handle_inbound(&dicom_reply, end_a + secs(1)),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+    assert_eq!(pep.counters(B).unwrap().dropped.total(), 0);
+
+    // A third grant on the address expiring through handle_timeout alone: B is untouched.
+    let c = GrantId(3);
+    let end_c = end_a + secs(60);
+    pep.add_peer(
+        peer(c, 3, device(), vec![tcp_rule(pacs(), 104)], end_c),
+        end_a,
+    )
+    .unwrap();
+    assert_eq!(pep.handle_outbound(c, &dicom, end_a), Verdict::Forward);
+    assert_eq!(pep.flow_count(), 2);
+    pep.handle_timeout(end_c);
+    assert_eq!(drain(&mut pep), vec![Event::PeerExpired { grant_id: c }]);
+    assert_eq!(pep.flow_count(), 1);
+    assert_eq!(
+        pep.handle_inbound(&viewer_reply, end_c),
+        InboundVerdict::ForwardTo(B)
+    );
+    // Removing the tombstones leaves B alone, too.
+    pep.remove_peer(A).unwrap();
+    pep.remove_peer(c).unwrap();
+    assert_eq!(
+        pep.handle_inbound(&viewer_reply, end_c),
+        InboundVerdict::ForwardTo(B)
+    );
+    assert!(pep.is_live(B, end_c));
+    assert_eq!(pep.flow_count(), 1);
+}
+
 #[test]
 fn resource_cannot_open_connections_to_clients() {
     let (mut pep, t0) = setup();
@@ -351,15 +720,18 @@ fn resource_cannot_open_connections_to_clients() {
         pep.handle_inbound(&ping, t0),
         InboundVerdict::Drop(DropReason::NoFlow)
     );
-    assert_eq!(pep.counters(A).unwrap().dropped.get(DropReason::NoFlow), 4);
+    // The SYN on A's flow is charged to A; the others match no flow, so no grant is to blame
+    // (a tunnel address is a device's, and may be shared by several grants).
+    assert_eq!(pep.counters(A).unwrap().dropped.get(DropReason::NoFlow), 1);
     assert_eq!(pep.counters(A).unwrap().in_packets, 0);
-    // To an address of no client: counted globally.
+    assert_eq!(pep.global_counters().dropped.get(DropReason::NoFlow), 3);
+    // To an address of no client: counted globally too.
     let stray = tcp(ehr(), 443, v4(100, 64, 9, 9), 50000, ACK);
     assert_eq!(
         pep.handle_inbound(&stray, t0),
         InboundVerdict::Drop(DropReason::NoFlow)
     );
-    assert_eq!(pep.global_counters().dropped.get(DropReason::NoFlow), 1);
+    assert_eq!(pep.global_counters().dropped.get(DropReason::NoFlow), 4);
 }
 
 #[test]
@@ -380,16 +752,17 @@ fn at_expires_at_no_packet_passes_and_the_event_fires() {
     );
     assert!(pep.is_live(A, just_before));
 
-    // At exactly expires_at, before any handle_timeout: both directions are dropped.
-    let ack = tcp(client_a(), 50000, ehr(), 443, ACK);
-    assert_eq!(
-        pep.handle_outbound(A, &ack, end),
-        Verdict::Drop(DropReason::Expired)
-    );
+    // At exactly expires_at, before any handle_timeout: both directions are dropped. The
+    // reply still finds the flow, which names its (expired) grant.
     let data = tcp(ehr(), 443, client_a(), 50000, ACK);
     assert_eq!(
         pep.handle_inbound(&data, end),
         InboundVerdict::Drop(DropReason::Expired)
+    );
+    let ack = tcp(client_a(), 50000, ehr(), 443, ACK);
+    assert_eq!(
+        pep.handle_outbound(A, &ack, end),
+        Verdict::Drop(DropReason::Expired)
     );
     assert!(!pep.is_live(A, end));
     assert_eq!(pep.grant_for_key(&[1; 32], end), None);
@@ -400,6 +773,11 @@ fn at_expires_at_no_packet_passes_and_the_event_fires() {
         Verdict::Drop(DropReason::Expired)
     );
     assert_eq!(pep.counters(A).unwrap().dropped.get(DropReason::Expired), 3);
+    assert_eq!(
+        pep.handle_inbound(&data, end + secs(1)),
+        InboundVerdict::Drop(DropReason::NoFlow)
+    );
+    assert_eq!(pep.global_counters().dropped.get(DropReason::NoFlow), 1);
 
     // B expires through handle_timeout alone, with its event.
     pep.handle_timeout(end);
@@ -850,21 +1228,16 @@ fn add_peer_refuses_what_it_cannot_enforce() {
             Err(PeerError::InvalidTunnelAddress { .. })
         ));
     }
-    assert_eq!(
-        pep.add_peer(fresh(GrantId(3), 9, client_a()), t0),
-        Err(PeerError::TunnelAddressInUse {
-            grant: GrantId(3),
-            addr: client_a(),
-            held_by: A
-        })
-    );
-    assert_eq!(
-        pep.add_peer(fresh(GrantId(3), 1, c), t0),
-        Err(PeerError::ClientKeyInUse {
-            grant: GrantId(3),
-            held_by: A
-        })
-    );
+    // A key is per grant, whether or not the tunnel address is shared with its holder.
+    for addr in [c, client_a()] {
+        assert_eq!(
+            pep.add_peer(fresh(GrantId(3), 1, addr), t0),
+            Err(PeerError::ClientKeyInUse {
+                grant: GrantId(3),
+                held_by: A
+            })
+        );
+    }
     assert_eq!(pep.peer_count(), 2);
     pep.add_peer(fresh(GrantId(3), 9, c), t0).unwrap();
     assert_eq!(pep.grant_for_key(&[9; 32], t0), Some(GrantId(3)));
@@ -923,10 +1296,15 @@ fn drop_reasons_read_as_advice_and_counters_list_all() {
         DropReason::PortNotAllowed.to_string(),
         "destination port not in the grant"
     );
-    for r in DropReason::ALL {
+    for (i, r) in DropReason::ALL.into_iter().enumerate() {
+        assert_eq!(r as usize, i, "ALL is in counter order");
         assert!(!r.to_string().is_empty());
         assert!(!r.as_str().contains(' '));
     }
+    assert_eq!(
+        DropReason::FlowOwnedByOtherGrant.as_str(),
+        "flow_owned_by_other_grant"
+    );
     let (mut pep, t0) = setup();
     let _ = pep.handle_outbound(B, &[], t0);
     let snapshot = pep.counters_snapshot();
