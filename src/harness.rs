@@ -389,7 +389,11 @@ impl World {
             .arg("--heartbeat")
             .arg("500ms")
             .arg("--max-backoff")
-            .arg("1s");
+            .arg("1s")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--socket")
+            .arg(state.join("gateway.sock"));
         Proc::spawn(cmd, &self.logs, name)
     }
 

@@ -9,6 +9,7 @@
 //! * [`enrol`]: device enrolment, including waiting for an administrator's approval.
 //! * [`status`]: what `wardgate status` reports.
 
+pub mod connect;
 pub mod datapath;
 pub mod enrol;
 pub mod login;

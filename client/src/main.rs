@@ -4,7 +4,7 @@ use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use wardgate_client::enrol::{self, EnrolOptions, EnrolOutcome};
 use wardgate_client::login::{self, PasswordSource};
@@ -51,8 +51,29 @@ enum Cmd {
         #[arg(long, default_value = "10m")]
         wait: humantime::Duration,
     },
-    /// Shows enrolment and connection state.
+    /// Shows enrolment and connection state, grants with time left, and the last denial.
     Status,
+    /// Asks for access to a resource and brings the tunnel up until you stop it (Ctrl-C or
+    /// `wardgate disconnect`), the grant is revoked, or a renewal is denied.
+    Connect {
+        /// The resource, e.g. `ehr-web`.
+        resource: String,
+        /// `tun` (admin rights) or `userspace` (no admin rights: local forwards, SOCKS5).
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// Userspace mode: a local port forward `LOCAL_PORT` (to the resource's first port) or
+        /// `LOCAL_PORT=HOST:PORT`; repeatable.
+        #[arg(long = "forward")]
+        forwards: Vec<String>,
+        /// Userspace mode: serve SOCKS5 on this loopback address.
+        #[arg(long)]
+        socks: Option<std::net::SocketAddr>,
+        /// TUN interface name.
+        #[arg(long, default_value = "wardgate0")]
+        tun_name: String,
+    },
+    /// Ends the running `connect` (the controller ends its grant at once).
+    Disconnect,
     /// Makes a WireGuard key pair: private key to FILE (0600), public key to stdout.
     Genkey {
         /// Where to write the private key.
@@ -156,6 +177,74 @@ async fn real_main() -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Connect {
+            resource,
+            mode,
+            forwards,
+            socks,
+            tun_name,
+        } => {
+            let mut fw = Vec::new();
+            for f in &forwards {
+                match f.split_once('=') {
+                    Some(_) => {
+                        let (l, t) = parse_forward(f)?;
+                        fw.push((l, Some(t)));
+                    }
+                    None => {
+                        let port: u16 = f
+                            .parse()
+                            .with_context(|| format!("--forward {f:?}: expected a port"))?;
+                        fw.push((std::net::SocketAddr::from(([127, 0, 0, 1], port)), None));
+                    }
+                }
+            }
+            let json = cli.json;
+            let opts = wardgate_client::connect::ConnectOptions {
+                resource: resource.clone(),
+                tun: match mode.as_str() {
+                    "tun" => true,
+                    "userspace" => false,
+                    other => bail!("unknown mode {other:?}: use tun or userspace"),
+                },
+                tun_name,
+                forwards: fw,
+                socks,
+            };
+            let r = wardgate_client::connect::connect(&dir, opts, wardgate_common::signal::shutdown(), |g, listening| {
+                if json {
+                    println!("{}", serde_json::json!({"event": "connected", "grant_id": g.grant_id, "resource": g.resource,
+                        "expires_at_ms": g.expires_at_ms, "listening": listening}));
+                } else {
+                    println!("Connected to {} (grant {}), until {}", g.resource, g.grant_id, fmt_ms(g.expires_at_ms));
+                    for l in listening {
+                        println!("  listening on {l}");
+                    }
+                }
+            })
+            .await;
+            match r {
+                Ok(()) => println!("Disconnected from {resource}."),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Cmd::Disconnect => match wardgate_client::connect::current(&dir) {
+            Some(st) => {
+                let ok = std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(st.pid.to_string())
+                    .status()?
+                    .success();
+                if !ok {
+                    bail!("cannot signal the running connect (pid {})", st.pid);
+                }
+                println!(
+                    "Disconnecting from {} (grant {}).",
+                    st.resource, st.grant_id
+                );
+            }
+            None => println!("Not connected."),
+        },
         Cmd::Genkey { out } => {
             let k = wardgate_common::keys::generate_private();
             wardgate_common::files::write_secret(
@@ -177,9 +266,34 @@ async fn real_main() -> anyhow::Result<()> {
         }
         Cmd::Status => {
             let st = wardgate_client::status::status(&dir).await?;
+            let conn = wardgate_client::connect::current(&dir);
+            let denial = wardgate_client::connect::last_denial(&dir);
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&st)?);
+                let mut v = serde_json::to_value(&st)?;
+                v["grant"] = serde_json::to_value(&conn)?;
+                v["last_denial"] = serde_json::to_value(&denial)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if let Some(c) = &conn {
+                    let left = (c.expires_at_ms
+                        - wardgate_common::unix_ms(std::time::SystemTime::now()))
+                    .max(0)
+                        / 1000;
+                    println!(
+                        "Grant:      {} (grant {}), {}m{}s left, renewal {}",
+                        c.resource,
+                        c.grant_id,
+                        left / 60,
+                        left % 60,
+                        c.renewal
+                    );
+                }
+                if let Some(d) = &denial {
+                    println!("Last denial: {} at {}", d.resource, fmt_ms(d.at_ms));
+                    for r in &d.reasons {
+                        println!("  - {r}");
+                    }
+                }
                 println!("Enrolment:  {}", st.enrolment);
                 if let Some(id) = &st.device_id {
                     println!(
@@ -198,6 +312,12 @@ async fn real_main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn fmt_ms(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn parse_forward(s: &str) -> anyhow::Result<(std::net::SocketAddr, std::net::SocketAddr)> {

@@ -36,6 +36,14 @@ pub enum ClientMsg {
         /// What is asked.
         body: Request,
     },
+    /// The outcome of a [`ServerMsg::Push`] (gateways ack peer changes so the controller
+    /// knows a grant is enforced before it answers the client).
+    Ack {
+        /// The push's id.
+        push_id: u64,
+        /// `Err` carries why the change could not be applied.
+        result: Result<(), String>,
+    },
 }
 
 /// What gateways and clients can ask.
@@ -60,6 +68,24 @@ pub enum Request {
     },
     /// Who does the controller think I am, and in which state? Requires a certificate.
     WhoAmI,
+    /// A device asks for a grant to a resource, with a WireGuard public key made for it.
+    Connect {
+        /// The resource's name.
+        resource: String,
+        /// A fresh WireGuard public key for this grant (base64); its private key never leaves
+        /// the device.
+        wg_public_key: String,
+        /// The grant this one renews, if any (it ends once the new one is in place).
+        renews: Option<u64>,
+    },
+    /// A device gives a grant back.
+    Disconnect {
+        /// The grant.
+        grant_id: u64,
+    },
+    /// A gateway asks for every live grant it must enforce (after (re)connecting, before it
+    /// passes traffic).
+    SyncGrants,
 }
 
 /// A gateway's registration.
@@ -149,6 +175,36 @@ pub enum ServerMsg {
     },
     /// The connection is refused; the controller closes it after this frame.
     Fatal(WireError),
+    /// Something the controller tells a connected peer unasked; gateways answer with
+    /// [`ClientMsg::Ack`].
+    Push {
+        /// Echoed in the ack.
+        push_id: u64,
+        /// What happened.
+        push: Push,
+    },
+}
+
+/// Changes the controller pushes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "push", rename_all = "snake_case")]
+pub enum Push {
+    /// To a gateway: enforce this grant.
+    AddGrant(crate::grant::GatewayGrant),
+    /// To a gateway: stop this grant now.
+    RemoveGrant {
+        /// The grant.
+        grant_id: u64,
+        /// Why, for the gateway's log.
+        reason: String,
+    },
+    /// To a device: a grant ended before its time (revoked, policy change, posture).
+    GrantEnded {
+        /// The grant.
+        grant_id: u64,
+        /// Why, in words for the user.
+        reason: String,
+    },
 }
 
 /// Successful answers.
@@ -193,6 +249,16 @@ pub enum Response {
     },
     /// Who the caller is.
     Identity(Identity),
+    /// Access granted: how to reach the resource.
+    Granted(crate::grant::ClientGrant),
+    /// Every live grant a gateway must enforce. (A struct variant: an internally tagged
+    /// enum cannot carry a bare sequence.)
+    GatewayGrants {
+        /// The grants.
+        grants: Vec<crate::grant::GatewayGrant>,
+    },
+    /// Done.
+    Done,
 }
 
 /// The authenticated peer as the controller sees it.
@@ -223,12 +289,19 @@ pub enum Identity {
 
 /// An error as it travels on the wire: a stable code for programs, a sentence for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[error("{message} ({code})")]
+#[error("{message} ({code}){}", details_text(.details))]
 pub struct WireError {
     /// Stable, machine-readable reason.
     pub code: ErrorCode,
     /// What happened and what to do, in words.
     pub message: String,
+    /// Every reason, when there are several (a denial lists each failed condition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+fn details_text(d: &[String]) -> String {
+    d.iter().map(|r| format!("\n  - {r}")).collect()
 }
 
 impl WireError {
@@ -237,6 +310,16 @@ impl WireError {
         Self {
             code,
             message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    /// Builds an error with every reason listed.
+    pub fn with_details(code: ErrorCode, message: impl Into<String>, details: Vec<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details,
         }
     }
 }
@@ -281,6 +364,12 @@ pub enum ErrorCode {
     Forbidden,
     /// Something failed inside the controller; it was logged there.
     Internal,
+    /// The policy engine said no; `details` lists every reason.
+    AccessDenied,
+    /// No such resource (or grant).
+    NotFound,
+    /// A gateway serving the resource did not confirm in time; nothing was granted.
+    GatewayUnavailable,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -322,6 +411,47 @@ mod tests {
                 id: 1,
                 body: Request::WhoAmI
             }
+        );
+    }
+
+    #[test]
+    fn every_response_shape_serialises() {
+        // Internally tagged enums cannot hold bare sequences; this catches such a variant.
+        let g = crate::grant::GatewayGrant {
+            grant_id: 1,
+            client_public_key: "k".into(),
+            preshared_key: Secret::new("p"),
+            tunnel_addr: "100.64.0.2".parse().expect("ip"),
+            rules: vec![],
+            expires_at_ms: 1,
+            label: "l".into(),
+        };
+        for r in [
+            Response::GatewayGrants {
+                grants: vec![g.clone()],
+            },
+            Response::Done,
+            Response::HeartbeatAck {
+                seq: 1,
+                server_time_ms: 2,
+            },
+        ] {
+            let m = ServerMsg::Response {
+                id: 1,
+                result: Ok(r),
+            };
+            let bytes = crate::frame::encode(&m).expect("encodes");
+            let back: ServerMsg = serde_json::from_slice(&bytes[4..]).expect("decodes");
+            assert_eq!(back, m);
+        }
+        let p = ServerMsg::Push {
+            push_id: 3,
+            push: Push::AddGrant(g),
+        };
+        let bytes = crate::frame::encode(&p).expect("push encodes");
+        assert_eq!(
+            serde_json::from_slice::<ServerMsg>(&bytes[4..]).expect("decodes"),
+            p
         );
     }
 

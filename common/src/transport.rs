@@ -191,3 +191,155 @@ impl ControlClient {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
+
+/// A long-lived control connection (gateway `run`, client `connect`): requests may be in
+/// flight while the controller pushes changes, so a reader task routes responses to their
+/// callers by id and pushes to [`ControlSession::next_push`], and a writer task serialises
+/// what the caller sends. Control plane only: the small shared map is not on a packet path.
+pub struct ControlSession {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    out: tokio::sync::mpsc::Sender<ClientMsg>,
+    pending: std::sync::Arc<std::sync::Mutex<Pending>>,
+    pushes: tokio::sync::mpsc::Receiver<(u64, crate::proto::Push)>,
+    next_id: std::sync::atomic::AtomicU64,
+    fatal: std::sync::Arc<std::sync::Mutex<Option<WireError>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+type Pending =
+    std::collections::HashMap<u64, tokio::sync::oneshot::Sender<Result<Response, WireError>>>;
+
+/// How long a request on a session may wait for its answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ControlClient {
+    /// Turns a connected client into a session that also receives pushes.
+    pub fn into_session(self) -> ControlSession {
+        use std::sync::{Arc, Mutex};
+        let ControlClient {
+            endpoint,
+            conn,
+            mut send,
+            mut recv,
+            next_id,
+            ..
+        } = self;
+        let pending: Arc<Mutex<Pending>> = Arc::default();
+        let fatal: Arc<Mutex<Option<WireError>>> = Arc::default();
+        let (out, mut out_rx) = tokio::sync::mpsc::channel::<ClientMsg>(64);
+        let (push_tx, pushes) = tokio::sync::mpsc::channel(256);
+        let writer = tokio::spawn(async move {
+            while let Some(m) = out_rx.recv().await {
+                if frame::write_frame(&mut send, &m).await.is_err() {
+                    break;
+                }
+            }
+            let _ = send.finish();
+        });
+        let (p, f) = (pending.clone(), fatal.clone());
+        let reader = tokio::spawn(async move {
+            loop {
+                match frame::read_frame::<_, ServerMsg>(&mut recv).await {
+                    Ok(Some(ServerMsg::Response { id, result })) => {
+                        let waiter = p.lock().ok().and_then(|mut m| m.remove(&id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(result);
+                        }
+                    }
+                    Ok(Some(ServerMsg::Push { push_id, push })) => {
+                        if push_tx.send((push_id, push)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Some(ServerMsg::Fatal(e))) => {
+                        if let Ok(mut slot) = f.lock() {
+                            *slot = Some(e);
+                        }
+                        break;
+                    }
+                    Ok(Some(ServerMsg::Welcome { .. })) | Ok(None) | Err(_) => break,
+                }
+            }
+            // Wake every waiter: their senders drop here.
+            if let Ok(mut m) = p.lock() {
+                m.clear();
+            }
+        });
+        ControlSession {
+            endpoint,
+            conn,
+            out,
+            pending,
+            pushes,
+            next_id: std::sync::atomic::AtomicU64::new(next_id),
+            fatal,
+            tasks: vec![writer, reader],
+        }
+    }
+}
+
+impl ControlSession {
+    fn ended(&self) -> ClientError {
+        if let Some(e) = self.fatal.lock().ok().and_then(|f| f.clone()) {
+            return ClientError::Rejected(e);
+        }
+        match self.conn.close_reason() {
+            Some(e) => ClientError::Connection(e),
+            None => ClientError::Unexpected("the control connection ended".into()),
+        }
+    }
+
+    /// Sends a request and waits for its answer (several may be in flight).
+    pub async fn request(&self, body: Request) -> Result<Response, ClientError> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut m) = self.pending.lock() {
+            m.insert(id, tx);
+        }
+        if self
+            .out
+            .send(ClientMsg::Request { id, body })
+            .await
+            .is_err()
+        {
+            return Err(self.ended());
+        }
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result.map_err(ClientError::Rejected),
+            Ok(Err(_)) => Err(self.ended()),
+            Err(_) => {
+                if let Ok(mut m) = self.pending.lock() {
+                    m.remove(&id);
+                }
+                Err(ClientError::Timeout(REQUEST_TIMEOUT))
+            }
+        }
+    }
+
+    /// The next push, or `None` once the connection has ended (see [`ControlSession::error`]).
+    pub async fn next_push(&mut self) -> Option<(u64, crate::proto::Push)> {
+        self.pushes.recv().await
+    }
+
+    /// Answers a push.
+    pub async fn ack(&self, push_id: u64, result: Result<(), String>) {
+        let _ = self.out.send(ClientMsg::Ack { push_id, result }).await;
+    }
+
+    /// Why the session ended.
+    pub fn error(&self) -> ClientError {
+        self.ended()
+    }
+
+    /// Closes politely.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"bye");
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

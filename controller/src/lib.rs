@@ -5,9 +5,11 @@
 //! Drive it with [`run::init`] once, then [`run::start`] with a cancel token; the binary
 //! `wardgate-controller` is a thin shell over these.
 
+pub mod access;
 pub mod admin;
 pub mod ca;
 pub mod config;
+pub mod policy;
 pub mod quic;
 pub mod run;
 pub mod secrets;

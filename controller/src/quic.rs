@@ -12,7 +12,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use wardgate_common::frame::{self, FrameError};
 use wardgate_common::pki;
 use wardgate_common::proto::{
-    ClientMsg, ErrorCode, PROTOCOL_VERSION, Request, ServerMsg, WireError,
+    ClientMsg, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerMsg, WireError,
 };
 
 use crate::service::{
@@ -165,12 +165,17 @@ async fn handle_incoming(ctl: Arc<Controller>, incoming: quinn::Incoming) {
         Peer::Gateway(g) => Some(format!("gateway:{}", g.id)),
         Peer::Device(d) => Some(format!("device:{}", d.id)),
     };
+    // Frames to write (responses and pushes) go through one queue, so pushes can be sent while
+    // requests are handled; a reader task turns the stream into messages (frame reads are not
+    // cancel-safe, so they must not race in a select).
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<ServerMsg>(256);
+    let link = std::sync::Arc::new(crate::access::PeerLink::new(out_tx.clone()));
     if let Some(s) = &subject {
-        ctl.registry.insert(s.clone(), conn.clone());
+        ctl.registry.insert(s.clone(), conn.clone(), link.clone());
         info!(peer = %s, "peer connected");
     }
     let span = info_span!("peer", actor = %peer.actor());
-    serve_requests(&ctl, &conn, &mut send, &mut recv, &peer)
+    serve_requests(&ctl, &conn, &mut send, recv, &peer, &link, out_tx, out_rx)
         .instrument(span)
         .await;
     if let Some(s) = &subject {
@@ -179,69 +184,142 @@ async fn handle_incoming(ctl: Arc<Controller>, incoming: quinn::Incoming) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_requests(
-    ctl: &Controller,
+    ctl: &Arc<Controller>,
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
+    mut recv: quinn::RecvStream,
     peer: &Peer,
+    link: &crate::access::PeerLink,
+    out_tx: tokio::sync::mpsc::Sender<ServerMsg>,
+    mut out_rx: tokio::sync::mpsc::Receiver<ServerMsg>,
 ) {
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Result<ClientMsg, FrameError>>(32);
+    let reader = tokio::spawn(async move {
+        loop {
+            match frame::read_frame::<_, ClientMsg>(&mut recv).await {
+                Ok(Some(m)) => {
+                    if in_tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = in_tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+    });
     let mut anonymous_requests = 0u32;
+    let mut requests: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     loop {
-        let msg = match frame::read_frame::<_, ClientMsg>(recv).await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                conn.close(CLOSE_NORMAL.into(), b"bye");
-                return;
+        tokio::select! {
+            out = out_rx.recv() => {
+                let Some(msg) = out else {
+                    debug!("push queue closed");
+                    break;
+                };
+                if let Err(e) = frame::write_frame(send, &msg).await {
+                    warn!(error = %e, "cannot send a push; closing the connection");
+                    break;
+                }
             }
-            Err(FrameError::Io(e)) => {
-                debug!(error = %e, "control stream ended");
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "bad frame from peer");
-                refuse(conn, send, frame_error_to_wire(&e), CLOSE_PROTOCOL).await;
-                return;
-            }
-        };
-        let (id, body) = match msg {
-            ClientMsg::Request { id, body } => (id, body),
-            ClientMsg::Hello { .. } => {
-                let err = WireError::new(ErrorCode::ProtocolViolation, "hello sent twice");
-                refuse(conn, send, err, CLOSE_PROTOCOL).await;
-                return;
-            }
-        };
-        if matches!(peer, Peer::Anonymous) {
-            anonymous_requests += 1;
-            if anonymous_requests > MAX_ANONYMOUS_REQUESTS {
-                let err = WireError::new(
-                    ErrorCode::Forbidden,
-                    "too many requests without a certificate",
-                );
-                refuse(conn, send, err, CLOSE_REFUSED).await;
-                return;
+            msg = in_rx.recv() => {
+                let msg = match msg {
+                    None => {
+                        debug!("peer finished the control stream");
+                        conn.close(CLOSE_NORMAL.into(), b"bye");
+                        break;
+                    }
+                    Some(Err(FrameError::Io(e))) => {
+                        debug!(error = %e, "control stream ended");
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "bad frame from peer");
+                        refuse(conn, send, frame_error_to_wire(&e), CLOSE_PROTOCOL).await;
+                        break;
+                    }
+                    Some(Ok(m)) => m,
+                };
+                let (id, body) = match msg {
+                    ClientMsg::Request { id, body } => (id, body),
+                    ClientMsg::Ack { push_id, result } => {
+                        link.complete(push_id, result);
+                        continue;
+                    }
+                    ClientMsg::Hello { .. } => {
+                        let err = WireError::new(ErrorCode::ProtocolViolation, "hello sent twice");
+                        refuse(conn, send, err, CLOSE_PROTOCOL).await;
+                        break;
+                    }
+                };
+                if matches!(peer, Peer::Anonymous) {
+                    anonymous_requests += 1;
+                    if anonymous_requests > MAX_ANONYMOUS_REQUESTS {
+                        let err = WireError::new(ErrorCode::Forbidden, "too many requests without a certificate");
+                        refuse(conn, send, err, CLOSE_REFUSED).await;
+                        break;
+                    }
+                }
+                // A connect waits for gateway acks, which arrive on *their* connections; it runs
+                // as its own task so this connection keeps reading meanwhile.
+                if let (Request::Connect { resource, wg_public_key, renews }, Peer::Device(d)) = (&body, peer) {
+                    let (ctl2, tx) = (ctl.clone(), out_tx.clone());
+                    let (device, resource, key, renews) = (d.id.clone(), resource.clone(), wg_public_key.clone(), *renews);
+                    requests.spawn(async move {
+                        let result = ctl2.connect(&device, &resource, &key, renews).await.map(Response::Granted);
+                        let _ = tx.send(ServerMsg::Response { id, result }).await;
+                    });
+                    continue;
+                }
+                let result = dispatch(ctl, peer, body).await;
+                if let Err(e) = frame::write_frame(send, &ServerMsg::Response { id, result }).await {
+                    warn!(error = %e, "cannot send a response; closing the connection");
+                    break;
+                }
             }
         }
-        let result = match (body, peer) {
-            (Request::JoinGateway(j), _) => ctl.join_gateway(j).await,
-            (Request::EnrolDevice(e), _) => ctl.enrol_device(e).await,
-            (
-                Request::EnrolPoll {
-                    device_id,
-                    poll_token,
-                },
-                _,
-            ) => ctl.enrol_poll(&device_id, &poll_token).await,
-            (Request::Heartbeat { .. } | Request::WhoAmI, Peer::Anonymous) => Err(cert_required()),
-            (Request::Heartbeat { seq }, p) => ctl.heartbeat(p, seq).await,
-            (Request::WhoAmI, p) => ctl.who_am_i(p).await,
-        };
-        if frame::write_frame(send, &ServerMsg::Response { id, result })
+    }
+    reader.abort();
+    requests.abort_all();
+}
+
+async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Response, WireError> {
+    match (body, peer) {
+        (Request::JoinGateway(j), _) => ctl.join_gateway(j).await,
+        (Request::EnrolDevice(e), _) => ctl.enrol_device(e).await,
+        (
+            Request::EnrolPoll {
+                device_id,
+                poll_token,
+            },
+            _,
+        ) => ctl.enrol_poll(&device_id, &poll_token).await,
+        (_, Peer::Anonymous) => Err(cert_required()),
+        (Request::Heartbeat { seq }, p) => ctl.heartbeat(p, seq).await,
+        (Request::WhoAmI, p) => ctl.who_am_i(p).await,
+        (Request::SyncGrants, Peer::Gateway(g)) => ctl
+            .gateway_grants(&g.id)
             .await
-            .is_err()
-        {
-            return;
-        }
+            .map(|grants| Response::GatewayGrants { grants }),
+        (Request::Disconnect { grant_id }, Peer::Device(d)) => ctl
+            .disconnect(&d.id, grant_id)
+            .await
+            .map(|()| Response::Done),
+        (Request::Connect { .. }, Peer::Device(_)) => Err(WireError::new(
+            ErrorCode::Internal,
+            "connect is handled as a task",
+        )),
+        (Request::SyncGrants, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only gateways sync grants",
+        )),
+        (Request::Connect { .. } | Request::Disconnect { .. }, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only enrolled devices ask for access",
+        )),
     }
 }

@@ -47,35 +47,56 @@ impl Peer {
     }
 }
 
-/// Live control connections, so an administrator's revocation can cut them at once and the
-/// admin API can say which gateways are online. Not on any packet path: a plain mutex is fine.
+/// Live control connections, so an administrator's revocation can cut them at once, pushes
+/// reach their peer, and the admin API can say which gateways are online. A gateway has one
+/// connection (a newer one replaces the older); a device may have several at once (a running
+/// `connect` and a `status` check). Not on any packet path: a plain mutex is fine.
 #[derive(Default)]
 pub struct Registry {
-    conns: Mutex<HashMap<String, quinn::Connection>>,
+    conns: Mutex<HashMap<String, Vec<LiveConn>>>,
 }
 
+/// One live connection and its push link.
+type LiveConn = (quinn::Connection, Arc<crate::access::PeerLink>);
+
 impl Registry {
-    /// Records the connection of `subject` (`gateway:ID` / `device:ID`), replacing and closing
-    /// an older one (a reconnect after a network change).
-    pub fn insert(&self, subject: String, conn: quinn::Connection) {
+    /// Records a connection of `subject` (`gateway:ID` / `device:ID`). For gateways it replaces
+    /// and closes an older one (a reconnect after a network change).
+    pub fn insert(
+        &self,
+        subject: String,
+        conn: quinn::Connection,
+        link: Arc<crate::access::PeerLink>,
+    ) {
+        let replace = subject.starts_with("gateway:");
         let old = self
             .conns
             .lock()
-            .map(|mut m| m.insert(subject, conn))
-            .ok()
-            .flatten();
-        if let Some(old) = old {
-            old.close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
+            .map(|mut m| {
+                let list = m.entry(subject).or_default();
+                let old = if replace {
+                    std::mem::take(list)
+                } else {
+                    Vec::new()
+                };
+                list.push((conn, link));
+                old
+            })
+            .unwrap_or_default();
+        for (c, _) in old {
+            c.close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
         }
     }
 
-    /// Forgets `subject`'s connection if it is still `conn`.
+    /// Forgets this connection of `subject`.
     pub fn remove(&self, subject: &str, conn: &quinn::Connection) {
         if let Ok(mut m) = self.conns.lock()
-            && m.get(subject)
-                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            && let Some(list) = m.get_mut(subject)
         {
-            m.remove(subject);
+            list.retain(|(c, _)| c.stable_id() != conn.stable_id());
+            if list.is_empty() {
+                m.remove(subject);
+            }
         }
     }
 
@@ -87,16 +108,38 @@ impl Registry {
             .unwrap_or(false)
     }
 
-    /// Closes `subject`'s connection with `reason`.
+    /// The push link of `subject`'s newest live connection.
+    pub fn link(&self, subject: &str) -> Option<Arc<crate::access::PeerLink>> {
+        self.conns.lock().ok().and_then(|m| {
+            m.get(subject)
+                .and_then(|l| l.last().map(|(_, link)| link.clone()))
+        })
+    }
+
+    /// The push links of all of `subject`'s live connections.
+    pub fn links(&self, subject: &str) -> Vec<Arc<crate::access::PeerLink>> {
+        self.conns
+            .lock()
+            .map(|m| {
+                m.get(subject)
+                    .map(|l| l.iter().map(|(_, link)| link.clone()).collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Closes all of `subject`'s connections with `reason`.
     pub fn disconnect(&self, subject: &str, code: u32, reason: &str) -> bool {
-        let conn = self.conns.lock().ok().and_then(|mut m| m.remove(subject));
-        match conn {
-            Some(c) => {
-                c.close(code.into(), reason.as_bytes());
-                true
-            }
-            None => false,
+        let conns = self
+            .conns
+            .lock()
+            .ok()
+            .and_then(|mut m| m.remove(subject))
+            .unwrap_or_default();
+        for (c, _) in &conns {
+            c.close(code.into(), reason.as_bytes());
         }
+        !conns.is_empty()
     }
 }
 
@@ -119,6 +162,8 @@ pub struct Controller {
     pub ca: Ca,
     /// Live connections.
     pub registry: Registry,
+    /// Compiled policies, rebuilt when they change.
+    pub policies: crate::access::PolicyCache,
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -154,6 +199,7 @@ impl Controller {
             store,
             ca,
             registry: Registry::default(),
+            policies: Default::default(),
         })
     }
 
@@ -486,6 +532,7 @@ impl Controller {
             hostname: req.hostname.clone(),
             created_ms: now,
             decided_ms: (!require_approval).then_some(now),
+            tunnel_addr: None,
         };
         self.store.insert_device(&dev).await.map_err(internal)?;
         self.audit(

@@ -14,12 +14,16 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::Ipv4Addr;
 
+use ipnet::Ipv4Net;
 use serde_json::json;
 use sqlx::Connection;
+use wardgate_common::proto::Secret;
 use wardgate_controller::store::{
-    AUDIT_GENESIS_HASH, AdminToken, AuditEvent, Backend, ConsumeTokenError, Device, DeviceStatus,
-    Gateway, GatewayStatus, JoinToken, NewAuditEvent, Store, StoreError, User, audit_hash,
+    AUDIT_GENESIS_HASH, AdminToken, AuditBreak, AuditEvent, AuditProblem, AuditVerification,
+    Backend, ConsumeTokenError, Device, DeviceStatus, DocKind, Gateway, GatewayStatus, Grant,
+    GrantStatus, Group, JoinToken, NewAuditEvent, NewGrant, Store, StoreError, User, audit_hash,
 };
 
 const PG_ENV: &str = "WARDGATE_TEST_PG_URL";
@@ -196,6 +200,7 @@ fn device(id: &str, owner: &str) -> Device {
         hostname: format!("host-{id}"),
         created_ms: 7_000,
         decided_ms: None,
+        tunnel_addr: None,
     }
 }
 
@@ -994,3 +999,1088 @@ fn audit_hash_is_stable() {
 
 /// Computed independently (Python hashlib) from the byte layout documented in `store::audit`.
 const PINNED_FIRST_HASH: &str = "d366e62470b7c6dcc62472c2553856e9d52d8d4a81774caa7fe0274c7c92867c";
+
+/// A raw connection to the test database, for changing rows behind the store's back.
+async fn raw_connection(t: &Target) -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(&t.url).await.unwrap()
+}
+
+#[tokio::test]
+async fn groups_and_memberships() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        store.insert_user(&user("usr_2", "ben")).await.unwrap();
+        let v0 = store.policy_version().await.unwrap();
+
+        let radiology = store
+            .create_group("radiology", "Radiologists", 1_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            radiology,
+            Group {
+                name: "radiology".into(),
+                description: "Radiologists".into(),
+                created_ms: 1_000,
+            }
+        );
+        store.create_group("ed", "Emergency", 1_001).await.unwrap();
+        store
+            .create_group("Cardiology", "Upper case sorts first", 1_002)
+            .await
+            .unwrap();
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 3);
+
+        let err = store.create_group("ed", "again", 1).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict { what } if what.contains("\"ed\"")),
+            "{err:?}"
+        );
+        let err = store.create_group("", "no name", 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 3);
+
+        let names: Vec<String> = store
+            .list_groups()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|g| g.name)
+            .collect();
+        assert_eq!(names, ["Cardiology", "ed", "radiology"]);
+        assert_eq!(
+            store.group_by_name("radiology").await.unwrap(),
+            Some(radiology)
+        );
+        assert_eq!(store.group_by_name("nope").await.unwrap(), None);
+
+        assert!(store.add_group_member("radiology", "usr_1").await.unwrap());
+        assert!(store.add_group_member("ed", "usr_1").await.unwrap());
+        assert!(store.add_group_member("radiology", "usr_2").await.unwrap());
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 6);
+        // Already a member: nothing changes, not even the version.
+        assert!(!store.add_group_member("radiology", "usr_1").await.unwrap());
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 6);
+
+        let err = store.add_group_member("nope", "usr_1").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { what } if what.contains("group") && what.contains("nope")),
+            "{err:?}"
+        );
+        let err = store
+            .add_group_member("radiology", "usr_9")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { what } if what.contains("usr_9")),
+            "{err:?}"
+        );
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 6);
+
+        assert_eq!(
+            store.groups_of_user("usr_1").await.unwrap(),
+            ["ed", "radiology"]
+        );
+        assert_eq!(store.groups_of_user("usr_2").await.unwrap(), ["radiology"]);
+        assert!(store.groups_of_user("usr_9").await.unwrap().is_empty());
+        assert_eq!(
+            store.members_of_group("radiology").await.unwrap(),
+            ["usr_1", "usr_2"]
+        );
+        assert!(
+            store
+                .members_of_group("Cardiology")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let err = store.members_of_group("nope").await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+
+        assert!(
+            store
+                .remove_group_member("radiology", "usr_2")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .remove_group_member("radiology", "usr_2")
+                .await
+                .unwrap()
+        );
+        let err = store
+            .remove_group_member("nope", "usr_2")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 7);
+
+        // Deleting a group takes its memberships with it.
+        store.delete_group("radiology").await.unwrap();
+        assert_eq!(store.groups_of_user("usr_1").await.unwrap(), ["ed"]);
+        let err = store.delete_group("radiology").await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { what } if what.contains("radiology")),
+            "{err:?}"
+        );
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 8);
+        // The name is free again, with no members left over.
+        store.create_group("radiology", "again", 2_000).await.unwrap();
+        assert!(
+            store
+                .members_of_group("radiology")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn documents_upsert_list_delete_and_bump_the_policy_version() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        let replica = t.open().await;
+        let v0 = store.policy_version().await.unwrap();
+
+        let ehr = r#"{"addresses":["10.10.1.10/32"],"ports":"443","labels":["phi"]}"#;
+        assert!(
+            store
+                .put_document(DocKind::Resource, "ehr-web", ehr, 1_000)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .put_document(DocKind::Resource, "pacs", r#"{"ports":"104"}"#, 1_001)
+                .await
+                .unwrap()
+        );
+        // The same name in another kind is another document.
+        assert!(
+            store
+                .put_document(DocKind::Policy, "ehr-web", r#"{"groups":["ed"]}"#, 1_002)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .put_document(DocKind::PostureProfile, "managed", "{}", 1_003)
+                .await
+                .unwrap()
+        );
+        // Another replica sees every change counted.
+        assert_eq!(replica.policy_version().await.unwrap(), v0 + 4);
+
+        // Replacing returns false and keeps one document.
+        let ehr2 = r#"{"addresses":["10.10.1.11/32"],"ports":"443"}"#;
+        assert!(
+            !store
+                .put_document(DocKind::Resource, "ehr-web", ehr2, 2_000)
+                .await
+                .unwrap()
+        );
+        assert_eq!(replica.policy_version().await.unwrap(), v0 + 5);
+        assert_eq!(
+            replica
+                .get_document(DocKind::Resource, "ehr-web")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(ehr2)
+        );
+        assert_eq!(
+            store.list_documents(DocKind::Resource).await.unwrap(),
+            vec![
+                ("ehr-web".to_owned(), ehr2.to_owned()),
+                ("pacs".to_owned(), r#"{"ports":"104"}"#.to_owned()),
+            ]
+        );
+        assert_eq!(
+            store.list_documents(DocKind::Policy).await.unwrap(),
+            vec![("ehr-web".to_owned(), r#"{"groups":["ed"]}"#.to_owned())]
+        );
+        assert_eq!(
+            store.list_documents(DocKind::PostureProfile).await.unwrap(),
+            vec![("managed".to_owned(), "{}".to_owned())]
+        );
+        assert_eq!(
+            store.get_document(DocKind::Policy, "pacs").await.unwrap(),
+            None
+        );
+
+        // Refused writes change nothing.
+        let err = store
+            .put_document(DocKind::Policy, "broken", "{not json", 3_000)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+        let err = store
+            .put_document(DocKind::Policy, "", "{}", 3_000)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+        let err = store
+            .delete_document(DocKind::PostureProfile, "ehr-web")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { what } if what.contains("posture profile")),
+            "{err:?}"
+        );
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 5);
+
+        store
+            .delete_document(DocKind::Resource, "pacs")
+            .await
+            .unwrap();
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 6);
+        assert_eq!(
+            store.get_document(DocKind::Resource, "pacs").await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.list_documents(DocKind::Resource).await.unwrap().len(),
+            1
+        );
+
+        // Concurrent writers from two replicas: every change is counted exactly once.
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                replica.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                s.put_document(
+                    DocKind::Resource,
+                    "hot",
+                    &format!("{{\"n\":{i}}}"),
+                    4_000 + i,
+                )
+                .await
+            }));
+        }
+        let mut created = 0;
+        for task in tasks {
+            if task.await.unwrap().unwrap() {
+                created += 1;
+            }
+        }
+        assert_eq!(created, 1, "exactly one writer creates the document");
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 16);
+
+        // The version survives a restart.
+        replica.close().await;
+        store.close().await;
+        let store = t.open().await;
+        assert_eq!(store.policy_version().await.unwrap(), v0 + 16);
+        store.close().await;
+    })
+    .await;
+}
+
+fn pool() -> Ipv4Net {
+    "100.64.0.0/24".parse().unwrap()
+}
+
+#[tokio::test]
+async fn tunnel_addresses_are_lowest_free_and_kept() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        for i in 1..=6 {
+            store
+                .insert_device(&device(&format!("dev_{i}"), "usr_1"))
+                .await
+                .unwrap();
+        }
+        let reserved = [Ipv4Addr::new(100, 64, 0, 3)];
+        let a1 = store
+            .assign_tunnel_addr("dev_1", pool(), &reserved)
+            .await
+            .unwrap();
+        let a2 = store
+            .assign_tunnel_addr("dev_2", pool(), &reserved)
+            .await
+            .unwrap();
+        let a3 = store
+            .assign_tunnel_addr("dev_3", pool(), &reserved)
+            .await
+            .unwrap();
+        // .0 is the network, .1 the gateways', .3 reserved.
+        assert_eq!(
+            [a1, a2, a3],
+            [
+                Ipv4Addr::new(100, 64, 0, 2),
+                Ipv4Addr::new(100, 64, 0, 4),
+                Ipv4Addr::new(100, 64, 0, 5)
+            ]
+        );
+        // A device keeps its address, also when asked with another pool.
+        assert_eq!(
+            store
+                .assign_tunnel_addr("dev_1", pool(), &reserved)
+                .await
+                .unwrap(),
+            a1
+        );
+        assert_eq!(
+            store
+                .assign_tunnel_addr("dev_1", "10.99.0.0/16".parse().unwrap(), &[])
+                .await
+                .unwrap(),
+            a1
+        );
+        // Reads carry it.
+        assert_eq!(
+            store
+                .device_by_id("dev_2")
+                .await
+                .unwrap()
+                .unwrap()
+                .tunnel_addr
+                .as_deref(),
+            Some("100.64.0.4")
+        );
+        let listed: Vec<Option<String>> = store
+            .list_devices()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| d.tunnel_addr)
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                Some("100.64.0.2".to_owned()),
+                Some("100.64.0.4".to_owned()),
+                Some("100.64.0.5".to_owned()),
+                None,
+                None,
+                None
+            ]
+        );
+
+        // A pool that is not on a network boundary is taken as its network.
+        assert_eq!(
+            store
+                .assign_tunnel_addr("dev_4", "100.64.0.77/24".parse().unwrap(), &[])
+                .await
+                .unwrap(),
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
+
+        // A /30 has room for exactly one device; /31 and /32 for none.
+        let small: Ipv4Net = "10.9.0.0/30".parse().unwrap();
+        assert_eq!(
+            store.assign_tunnel_addr("dev_5", small, &[]).await.unwrap(),
+            Ipv4Addr::new(10, 9, 0, 2)
+        );
+        let err = store
+            .assign_tunnel_addr("dev_6", small, &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict { what } if what.contains("10.9.0.0/30")),
+            "{err:?}"
+        );
+        let err = store
+            .assign_tunnel_addr("dev_6", "10.9.1.0/31".parse().unwrap(), &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+        assert_eq!(
+            store
+                .device_by_id("dev_6")
+                .await
+                .unwrap()
+                .unwrap()
+                .tunnel_addr,
+            None
+        );
+        let err = store
+            .assign_tunnel_addr("dev_9", pool(), &[])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotFound { what } if what.contains("dev_9")),
+            "{err:?}"
+        );
+
+        // An address cannot be given twice, even on insertion.
+        let mut clash = device("dev_7", "usr_1");
+        clash.tunnel_addr = Some("100.64.0.2".into());
+        let err = store.insert_device(&clash).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict { what } if what.contains("tunnel_addr")),
+            "{err:?}"
+        );
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_tunnel_address_allocations_are_distinct() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        let replica = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        for i in 0..21 {
+            store
+                .insert_device(&device(&format!("dev_{i}"), "usr_1"))
+                .await
+                .unwrap();
+        }
+
+        // 20 devices at once, from two replicas.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                replica.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                s.assign_tunnel_addr(&format!("dev_{i}"), pool(), &[]).await
+            }));
+        }
+        let mut addrs = BTreeSet::new();
+        for task in tasks {
+            addrs.insert(task.await.unwrap().unwrap());
+        }
+        let expected: BTreeSet<Ipv4Addr> = (2..22).map(|h| Ipv4Addr::new(100, 64, 0, h)).collect();
+        assert_eq!(addrs, expected, "on {:?}", t.backend);
+        for i in 0..20 {
+            let d = store
+                .device_by_id(&format!("dev_{i}"))
+                .await
+                .unwrap()
+                .unwrap();
+            let addr: Ipv4Addr = d.tunnel_addr.unwrap().parse().unwrap();
+            assert!(expected.contains(&addr));
+        }
+
+        // One device asked for at once many times gets one address.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                replica.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                s.assign_tunnel_addr("dev_20", pool(), &[]).await
+            }));
+        }
+        let mut same = BTreeSet::new();
+        for task in tasks {
+            same.insert(task.await.unwrap().unwrap());
+        }
+        assert_eq!(
+            same.into_iter().collect::<Vec<_>>(),
+            [Ipv4Addr::new(100, 64, 0, 22)]
+        );
+        replica.close().await;
+        store.close().await;
+    })
+    .await;
+}
+
+fn new_grant(
+    device_id: &str,
+    user_id: &str,
+    key: &str,
+    gateways: &[&str],
+    expires_ms: i64,
+) -> NewGrant {
+    NewGrant {
+        device_id: device_id.into(),
+        user_id: user_id.into(),
+        resource: "ehr-web".into(),
+        policy: "ed-ehr".into(),
+        client_public_key: key.into(),
+        preshared_key: Secret::new(format!("psk-secret-{key}")),
+        tunnel_addr: "100.64.0.2".into(),
+        rules_json: r#"[{"dst":"10.10.1.10/32","proto":"tcp","ports":"443"}]"#.into(),
+        gateway_ids: gateways.iter().map(|g| (*g).to_owned()).collect(),
+        issued_ms: 1_000,
+        expires_ms,
+        renewed_from: None,
+    }
+}
+
+fn ids(grants: &[Grant]) -> Vec<i64> {
+    grants.iter().map(|g| g.id).collect()
+}
+
+#[tokio::test]
+async fn grants_lifecycle() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        store.insert_user(&user("usr_2", "ben")).await.unwrap();
+        store
+            .insert_device(&device("dev_1", "usr_1"))
+            .await
+            .unwrap();
+        store
+            .insert_device(&device("dev_2", "usr_2"))
+            .await
+            .unwrap();
+        store
+            .insert_device(&device("dev_3", "usr_1"))
+            .await
+            .unwrap();
+        store
+            .insert_gateway(&gateway("gw_1", "alpha", "fp-a"))
+            .await
+            .unwrap();
+        store
+            .insert_gateway(&gateway("gw_2", "bravo", "fp-b"))
+            .await
+            .unwrap();
+
+        let g1 = store
+            .insert_grant(&new_grant("dev_1", "usr_1", "k1", &["gw_1"], 10_000))
+            .await
+            .unwrap();
+        let g2 = store
+            .insert_grant(&new_grant(
+                "dev_2",
+                "usr_2",
+                "k2",
+                &["gw_1", "gw_2", "gw_1"],
+                20_000,
+            ))
+            .await
+            .unwrap();
+        let g3 = store
+            .insert_grant(&new_grant("dev_3", "usr_1", "k3", &["gw_2"], 5_000))
+            .await
+            .unwrap();
+
+        for g in [&g1, &g2, &g3] {
+            assert!(g.id > 0 && g.id < 1 << 62, "{}", g.id);
+            assert_eq!(g.status, GrantStatus::Active);
+            assert_eq!(Grant::id_from_wire(g.wire_id()), Some(g.id));
+            assert_eq!(store.grant_by_id(g.id).await.unwrap().as_ref(), Some(g));
+        }
+        assert_eq!(Grant::id_from_wire(0), None);
+        assert_eq!(Grant::id_from_wire(u64::MAX), None);
+        assert_eq!(
+            g2.gateway_ids,
+            ["gw_1", "gw_2"],
+            "duplicates dropped, order kept"
+        );
+        assert_eq!(g1.preshared_key.expose(), "psk-secret-k1");
+        let shown = format!("{g1:?}");
+        assert!(
+            !shown.contains("psk-secret"),
+            "Debug must hide the PSK: {shown}"
+        );
+        let shown = format!("{:?}", new_grant("dev_1", "usr_1", "k9", &["gw_1"], 2));
+        assert!(
+            !shown.contains("psk-secret"),
+            "Debug must hide the PSK: {shown}"
+        );
+        let mut by_id = vec![g1.clone(), g2.clone(), g3.clone()];
+        by_id.sort_by_key(|g| g.id);
+
+        // Refusals.
+        let err = store
+            .insert_grant(&new_grant("dev_1", "usr_1", "k1", &["gw_1"], 10_000))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict { what } if what.contains("k1")),
+            "{err:?}"
+        );
+        for (grant, missing) in [
+            (new_grant("dev_9", "usr_1", "k4", &["gw_1"], 9_000), "dev_9"),
+            (new_grant("dev_1", "usr_9", "k4", &["gw_1"], 9_000), "usr_9"),
+            (
+                new_grant("dev_1", "usr_1", "k4", &["gw_1", "gw_9"], 9_000),
+                "gw_9",
+            ),
+        ] {
+            let err = store.insert_grant(&grant).await.unwrap_err();
+            assert!(
+                matches!(&err, StoreError::NotFound { what } if what.contains(missing)),
+                "{err:?}"
+            );
+        }
+        let mut bad_rules = new_grant("dev_1", "usr_1", "k4", &["gw_1"], 9_000);
+        bad_rules.rules_json = "[not json".into();
+        let no_gateways = new_grant("dev_1", "usr_1", "k4", &[], 9_000);
+        let dead = new_grant("dev_1", "usr_1", "k4", &["gw_1"], 1_000);
+        for grant in [bad_rules, no_gateways, dead] {
+            let err = store.insert_grant(&grant).await.unwrap_err();
+            assert!(matches!(err, StoreError::Invalid { .. }), "{err:?}");
+        }
+        // Nothing half-made was left behind by the refusals.
+        assert_eq!(store.active_grants(1_000).await.unwrap(), by_id);
+
+        // Live queries: expiry is exclusive.
+        assert_eq!(ids(&store.active_grants(4_999).await.unwrap()), ids(&by_id));
+        let mut live = vec![g1.id, g2.id];
+        live.sort();
+        assert_eq!(ids(&store.active_grants(5_000).await.unwrap()), live);
+        assert_eq!(
+            ids(&store
+                .active_grants_for_gateway("gw_1", 1_000)
+                .await
+                .unwrap()),
+            live
+        );
+        let mut on_gw2 = vec![g2.id, g3.id];
+        on_gw2.sort();
+        assert_eq!(
+            ids(&store
+                .active_grants_for_gateway("gw_2", 1_000)
+                .await
+                .unwrap()),
+            on_gw2
+        );
+        assert_eq!(
+            ids(&store
+                .active_grants_for_gateway("gw_2", 6_000)
+                .await
+                .unwrap()),
+            [g2.id]
+        );
+        assert!(
+            store
+                .active_grants_for_gateway("gw_9", 1_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            ids(&store
+                .active_grants_for_device("dev_1", 1_000)
+                .await
+                .unwrap()),
+            [g1.id]
+        );
+        let mut amara = vec![g1.id, g3.id];
+        amara.sort();
+        assert_eq!(
+            ids(&store.active_grants_for_user("usr_1", 1_000).await.unwrap()),
+            amara
+        );
+        assert_eq!(
+            ids(&store.active_grants_for_user("usr_1", 6_000).await.unwrap()),
+            [g1.id]
+        );
+
+        // Ending: once, with a reason.
+        let ended = store
+            .end_grant(g1.id, "revoked", 2_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.status, GrantStatus::Ended);
+        assert_eq!(ended.ended_ms, Some(2_000));
+        assert_eq!(ended.end_reason.as_deref(), Some("revoked"));
+        assert_eq!(
+            ended,
+            Grant {
+                status: GrantStatus::Ended,
+                ended_ms: Some(2_000),
+                end_reason: Some("revoked".into()),
+                ..g1.clone()
+            }
+        );
+        assert_eq!(store.grant_by_id(g1.id).await.unwrap(), Some(ended.clone()));
+        assert_eq!(store.end_grant(g1.id, "again", 2_100).await.unwrap(), None);
+        assert_eq!(
+            store
+                .grant_by_id(g1.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .end_reason
+                .as_deref(),
+            Some("revoked")
+        );
+        let err = store.end_grant(12_345, "x", 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+        assert_eq!(
+            ids(&store
+                .active_grants_for_gateway("gw_1", 2_000)
+                .await
+                .unwrap()),
+            [g2.id]
+        );
+
+        // Expiry: only the active grants past their expiry, ended when they expired, once.
+        let expired = store.expire_grants(6_000).await.unwrap();
+        assert_eq!(ids(&expired), [g3.id]);
+        assert_eq!(expired[0].ended_ms, Some(5_000));
+        assert_eq!(expired[0].end_reason.as_deref(), Some("expired"));
+        assert!(store.expire_grants(6_000).await.unwrap().is_empty());
+        assert_eq!(ids(&store.active_grants(1_000).await.unwrap()), [g2.id]);
+
+        // Ending by user and by device.
+        assert!(
+            store
+                .end_grants_for_device("dev_1", "device revoked", 7_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let by_user = store
+            .end_grants_for_user("usr_2", "user disabled", 7_000)
+            .await
+            .unwrap();
+        assert_eq!(ids(&by_user), [g2.id]);
+        assert_eq!(by_user[0].end_reason.as_deref(), Some("user disabled"));
+        assert!(store.active_grants(1_000).await.unwrap().is_empty());
+
+        let mut renewal = new_grant("dev_1", "usr_1", "k5", &["gw_1"], 30_000);
+        renewal.renewed_from = Some(g1.id);
+        let g4 = store.insert_grant(&renewal).await.unwrap();
+        assert_eq!(
+            store
+                .grant_by_id(g4.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .renewed_from,
+            Some(g1.id)
+        );
+        let g5 = store
+            .insert_grant(&new_grant("dev_1", "usr_1", "k6", &["gw_2"], 30_000))
+            .await
+            .unwrap();
+        let mut both = vec![g4.id, g5.id];
+        both.sort();
+        let by_device = store
+            .end_grants_for_device("dev_1", "device revoked", 8_000)
+            .await
+            .unwrap();
+        assert_eq!(ids(&by_device), both);
+        assert!(by_device.iter().all(|g| g.status == GrantStatus::Ended));
+
+        // Rolling back a half-made grant removes it and frees its key.
+        let g6 = store
+            .insert_grant(&new_grant(
+                "dev_3",
+                "usr_1",
+                "k7",
+                &["gw_1", "gw_2"],
+                40_000,
+            ))
+            .await
+            .unwrap();
+        store.delete_grant(g6.id).await.unwrap();
+        assert_eq!(store.grant_by_id(g6.id).await.unwrap(), None);
+        assert!(
+            store
+                .active_grants_for_gateway("gw_2", 9_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let err = store.delete_grant(g6.id).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+        let g7 = store
+            .insert_grant(&new_grant("dev_3", "usr_1", "k7", &["gw_2"], 40_000))
+            .await
+            .unwrap();
+        assert_ne!(g7.id, g6.id);
+
+        // Grants outlive a restart.
+        store.close().await;
+        let store = t.open().await;
+        assert_eq!(store.active_grants(9_000).await.unwrap(), vec![g7]);
+        assert_eq!(store.grant_by_id(g1.id).await.unwrap(), Some(ended));
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enders_report_each_grant_once() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        let replica = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        store
+            .insert_device(&device("dev_1", "usr_1"))
+            .await
+            .unwrap();
+        store
+            .insert_gateway(&gateway("gw_1", "alpha", "fp-a"))
+            .await
+            .unwrap();
+        let mut issued = BTreeSet::new();
+        for i in 0..10 {
+            let g = store
+                .insert_grant(&new_grant(
+                    "dev_1",
+                    "usr_1",
+                    &format!("k{i}"),
+                    &["gw_1"],
+                    5_000,
+                ))
+                .await
+                .unwrap();
+            issued.insert(g.id);
+        }
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let s = if i % 2 == 0 {
+                store.clone()
+            } else {
+                replica.clone()
+            };
+            tasks.push(tokio::spawn(async move {
+                if i < 3 {
+                    s.expire_grants(6_000).await
+                } else {
+                    s.end_grants_for_device("dev_1", "device revoked", 6_000)
+                        .await
+                }
+            }));
+        }
+        let mut reported = Vec::new();
+        for task in tasks {
+            reported.extend(ids(&task.await.unwrap().unwrap()));
+        }
+        reported.sort();
+        assert_eq!(
+            reported,
+            issued.into_iter().collect::<Vec<_>>(),
+            "on {:?}",
+            t.backend
+        );
+        replica.close().await;
+        store.close().await;
+    })
+    .await;
+}
+
+/// Writes a valid chain of `n` events straight into the table, in one transaction: quicker
+/// than `n` appends, and the store must verify what it did not write itself.
+async fn write_chain(conn: &mut sqlx::AnyConnection, n: i64) -> Vec<AuditEvent> {
+    let mut prev = AUDIT_GENESIS_HASH.to_owned();
+    let mut events = Vec::new();
+    let mut tx = conn.begin().await.unwrap();
+    for seq in 1..=n {
+        let e = event(seq);
+        let hash = audit_hash(&prev, seq, &e);
+        sqlx::query(
+            "INSERT INTO audit_log \
+             (seq, at_ms, actor, action, target, outcome, detail, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(seq)
+        .bind(e.at_ms)
+        .bind(e.actor.as_str())
+        .bind(e.action.as_str())
+        .bind(e.target.as_str())
+        .bind(e.outcome.as_str())
+        .bind(e.detail.to_string())
+        .bind(prev.as_str())
+        .bind(hash.as_str())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        events.push(AuditEvent {
+            seq,
+            at_ms: e.at_ms,
+            actor: e.actor,
+            action: e.action,
+            target: e.target,
+            outcome: e.outcome,
+            detail: e.detail,
+            prev_hash: prev.clone(),
+            hash: hash.clone(),
+        });
+        prev = hash;
+    }
+    tx.commit().await.unwrap();
+    events
+}
+
+async fn set_detail(conn: &mut sqlx::AnyConnection, seq: i64, detail: &str) {
+    sqlx::query("UPDATE audit_log SET detail = $1 WHERE seq = $2")
+        .bind(detail)
+        .bind(seq)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+fn broken(v: AuditVerification) -> AuditBreak {
+    match v {
+        AuditVerification::Broken(b) => b,
+        other => panic!("expected a broken chain, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn audit_verify_names_the_first_broken_event() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        assert_eq!(
+            store.audit_verify().await.unwrap(),
+            AuditVerification::Intact {
+                count: 0,
+                last_hash: AUDIT_GENESIS_HASH.into()
+            }
+        );
+        // Appended by the store: intact.
+        let mut last = None;
+        for i in 0..5 {
+            last = Some(store.append_audit(&event(i)).await.unwrap());
+        }
+        assert_eq!(
+            store.audit_verify().await.unwrap(),
+            AuditVerification::Intact {
+                count: 5,
+                last_hash: last.unwrap().hash
+            }
+        );
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audit_verify_finds_tampering_across_pages() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        let mut conn = raw_connection(&t).await;
+        // More than two pages of the verifier.
+        let events = write_chain(&mut conn, 2_345).await;
+        let intact = AuditVerification::Intact {
+            count: 2_345,
+            last_hash: events[2_344].hash.clone(),
+        };
+        assert_eq!(store.audit_verify().await.unwrap(), intact);
+        // Appends continue the chain written outside the store.
+        let next = store.append_audit(&event(9_999)).await.unwrap();
+        assert_eq!(next.seq, 2_346);
+        assert_eq!(
+            store.audit_verify().await.unwrap(),
+            AuditVerification::Intact {
+                count: 2_346,
+                last_hash: next.hash.clone()
+            }
+        );
+
+        // A changed detail, on the second page.
+        let original = events[1_499].detail.to_string();
+        set_detail(&mut conn, 1_500, r#"{"i":1500,"reason":["none"]}"#).await;
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!((b.seq, b.verified), (1_500, 1_499), "{b}");
+        assert!(
+            matches!(&b.problem, AuditProblem::HashMismatch { stored, .. } if *stored == events[1_499].hash),
+            "{b:?}"
+        );
+        assert!(b.to_string().contains("1500"), "{b}");
+
+        // The same meaning in other text is an edit too.
+        let pretty = serde_json::to_string_pretty(&events[1_499].detail).unwrap();
+        set_detail(&mut conn, 1_500, &pretty).await;
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!((b.seq, b.problem), (1_500, AuditProblem::DetailNotCanonical));
+
+        set_detail(&mut conn, 1_500, "not json").await;
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!(b.seq, 1_500);
+        assert!(matches!(b.problem, AuditProblem::DetailNotJson { .. }), "{b:?}");
+
+        set_detail(&mut conn, 1_500, &original).await;
+        assert_eq!(store.audit_verify().await.unwrap(), AuditVerification::Intact {
+            count: 2_346,
+            last_hash: next.hash.clone()
+        });
+
+        // A forger who also rewrites the hash breaks the link to the next event.
+        sqlx::query("UPDATE audit_log SET outcome = 'allow', hash = $1 WHERE seq = 7")
+            .bind("f".repeat(64))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!(b.seq, 7, "{b}");
+        sqlx::query("UPDATE audit_log SET outcome = $1, hash = $2 WHERE seq = 7")
+            .bind(events[6].outcome.as_str())
+            .bind(events[6].hash.as_str())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut forged = events[6].clone();
+        forged.outcome = "allow".into();
+        let forged_hash = forged.computed_hash();
+        sqlx::query("UPDATE audit_log SET outcome = 'allow', hash = $1 WHERE seq = 7")
+            .bind(forged_hash.as_str())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!(
+            b,
+            AuditBreak {
+                seq: 8,
+                verified: 7,
+                problem: AuditProblem::PrevHashMismatch {
+                    stored: events[6].hash.clone(),
+                    expected: forged_hash,
+                },
+            }
+        );
+        sqlx::query("UPDATE audit_log SET outcome = $1, hash = $2 WHERE seq = 7")
+            .bind(events[6].outcome.as_str())
+            .bind(events[6].hash.as_str())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+
+        // A deleted event is a gap named by its seq, also at a page boundary.
+        for missing in [2_001, 1_000] {
+            sqlx::query("DELETE FROM audit_log WHERE seq = $1")
+                .bind(missing)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!(
+            b,
+            AuditBreak {
+                seq: 1_000,
+                verified: 999,
+                problem: AuditProblem::SeqGap {
+                    expected: 1_000,
+                    found: 1_001
+                },
+            }
+        );
+        // The first event deleted: the chain breaks at 1.
+        sqlx::query("DELETE FROM audit_log WHERE seq = 1")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let b = broken(store.audit_verify().await.unwrap());
+        assert_eq!(
+            (b.seq, b.verified, b.problem),
+            (1, 0, AuditProblem::SeqGap { expected: 1, found: 2 })
+        );
+
+        conn.close().await.unwrap();
+        store.close().await;
+    })
+    .await;
+}

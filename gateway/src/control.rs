@@ -191,8 +191,15 @@ fn is_permanent(e: &ClientError) -> bool {
 }
 
 /// Keeps the control connection up until `stop` resolves or the controller refuses this
-/// gateway for good.
-pub async fn run<F>(dir: &StateDir, opts: RunOptions, stop: F) -> Result<(), ControlError>
+/// gateway for good. With a data plane, every (re)connection first resyncs the full set of
+/// live grants, then applies the controller's pushes and acks each; while cut off, the data
+/// plane keeps enforcing what it has (expiry by its own clock) and accepts nothing new.
+pub async fn run<F>(
+    dir: &StateDir,
+    opts: RunOptions,
+    datapath: Option<crate::datapath::Handle>,
+    stop: F,
+) -> Result<(), ControlError>
 where
     F: std::future::Future<Output = ()>,
 {
@@ -201,7 +208,7 @@ where
     let mut backoff = Backoff::new(opts.backoff_min, opts.backoff_max);
     tokio::pin!(stop);
     loop {
-        let session = session(&reg, cfg.clone(), &opts, &mut backoff);
+        let session = session(&reg, cfg.clone(), &opts, &mut backoff, datapath.as_ref());
         let outcome = tokio::select! {
             r = session => r,
             _ = &mut stop => return Ok(()),
@@ -226,25 +233,82 @@ async fn session(
     cfg: quinn::ClientConfig,
     opts: &RunOptions,
     backoff: &mut Backoff,
+    datapath: Option<&crate::datapath::Handle>,
 ) -> Result<(), ClientError> {
-    let mut client = ControlClient::connect(&reg.controller, cfg, &software()).await?;
-    match client.request(Request::WhoAmI).await? {
+    let client = ControlClient::connect(&reg.controller, cfg, &software()).await?;
+    let mut session = client.into_session();
+    match session.request(Request::WhoAmI).await? {
         Response::Identity(id) => {
             info!(gateway = %reg.gateway_id, identity = ?id, "connected to the controller")
         }
         other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+    }
+    if let Some(dp) = datapath {
+        // Resync before anything else: the controller's list is the truth.
+        match session.request(Request::SyncGrants).await? {
+            Response::GatewayGrants { grants } => {
+                let n = grants.len();
+                let report = dp
+                    .sync(grants)
+                    .await
+                    .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+                info!(
+                    grants = n,
+                    added = report.added,
+                    removed = report.removed,
+                    kept = report.kept,
+                    refused = report.refused.len(),
+                    "grants resynced"
+                );
+                for (id, why) in &report.refused {
+                    warn!(grant = id, reason = %why, "grant from resync refused");
+                }
+            }
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
     backoff.reset();
     let mut seq = 0u64;
     let mut tick = tokio::time::interval(opts.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        seq += 1;
-        match client.request(Request::Heartbeat { seq }).await? {
-            Response::HeartbeatAck { seq: s, .. } if s == seq => {}
-            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                match session.request(Request::Heartbeat { seq }).await? {
+                    Response::HeartbeatAck { seq: s, .. } if s == seq => {}
+                    other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                }
+            }
+            push = session.next_push() => {
+                let Some((push_id, push)) = push else {
+                    return Err(session.error());
+                };
+                let result = apply_push(datapath, push).await;
+                session.ack(push_id, result).await;
+            }
         }
+    }
+}
+
+async fn apply_push(
+    datapath: Option<&crate::datapath::Handle>,
+    push: wardgate_common::proto::Push,
+) -> Result<(), String> {
+    use wardgate_common::proto::Push;
+    let Some(dp) = datapath else {
+        return Err("this gateway runs without a data plane".into());
+    };
+    match push {
+        Push::AddGrant(g) => dp.add_grant(g).await.map_err(|e| e.to_string()),
+        Push::RemoveGrant { grant_id, reason } => {
+            info!(grant = grant_id, reason = %reason, "controller removed a grant");
+            dp.remove_grant(grant_id)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+        Push::GrantEnded { .. } => Ok(()),
     }
 }
 

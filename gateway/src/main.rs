@@ -85,6 +85,26 @@ enum Cmd {
     },
     /// Keeps the control connection up and enforces grants.
     Run {
+        /// WireGuard UDP listen address (default: the port of the registered endpoint).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// `userspace` (no root) or `tun`.
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// The prefix clients' tunnel addresses come from.
+        #[arg(long, default_value = "100.64.0.0/10")]
+        tunnel_net: ipnet::IpNet,
+        /// Also serve the local control socket here (counters; `stats --socket`).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Run only the control connection, without a data plane.
+        #[arg(long)]
+        no_dataplane: bool,
+        /// Userspace mode: dial flows to PUBLISHED at REAL instead (`PUBLISHED=REAL`, both
+        /// `ip:port`), e.g. a resource published as 10.10.1.10:443 that listens on this
+        /// host's loopback; repeatable.
+        #[arg(long = "map")]
+        maps: Vec<String>,
         /// Heartbeat interval.
         #[arg(long, default_value = "10s")]
         heartbeat: humantime::Duration,
@@ -247,13 +267,96 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Run {
             heartbeat,
             max_backoff,
+            listen,
+            mode,
+            tunnel_net,
+            socket,
+            no_dataplane,
+            maps,
         } => {
+            let mut pairs = Vec::new();
+            for m in &maps {
+                let (a, b) = m
+                    .split_once('=')
+                    .with_context(|| format!("--map {m:?}: expected PUBLISHED=REAL"))?;
+                pairs.push((
+                    a.parse().with_context(|| format!("--map {m:?}"))?,
+                    b.parse().with_context(|| format!("--map {m:?}"))?,
+                ));
+            }
+            let dialer: Option<std::sync::Arc<dyn wardgate_gateway::datapath::DynDialer>> =
+                (!pairs.is_empty()).then(|| {
+                    std::sync::Arc::new(wardgate_gateway::datapath::MapDialer::new(pairs)) as _
+                });
             let opts = RunOptions {
                 heartbeat: heartbeat.into(),
                 backoff_max: max_backoff.into(),
                 ..RunOptions::default()
             };
-            control::run(&dir, opts, wardgate_common::signal::shutdown()).await?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let stop = move || {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                }
+            };
+            let mut dp_task = None;
+            let handle = if no_dataplane {
+                None
+            } else {
+                let reg = dir.load()?;
+                let listen = match listen {
+                    Some(l) => l,
+                    None => {
+                        let port: u16 = reg
+                            .endpoint
+                            .rsplit_once(':')
+                            .and_then(|(_, p)| p.parse().ok())
+                            .context("the registered endpoint has no port; pass --listen")?;
+                        std::net::SocketAddr::from(([0, 0, 0, 0], port))
+                    }
+                };
+                let key = wardgate_common::keys::decode_private(&String::from_utf8(
+                    wardgate_common::files::read_secret(&dir.wg_key())?,
+                )?)?;
+                let backend = match mode.as_str() {
+                    "userspace" => BackendConfig::Userspace { tunnel_net, dialer },
+                    "tun" => BackendConfig::Tun {
+                        name: "wardgate0".into(),
+                        tunnel_net,
+                    },
+                    other => bail!("unknown mode {other:?}: use userspace or tun"),
+                };
+                let (handle, task) = datapath::start(
+                    DatapathConfig {
+                        listen,
+                        private_key: key,
+                        backend,
+                        pep: Default::default(),
+                    },
+                    stop(),
+                )
+                .await?;
+                if let Some(sock) = &socket {
+                    local::serve(sock, handle.clone()).await?;
+                }
+                println!("listening={}", handle.local_addr());
+                dp_task = Some(task);
+                Some(handle)
+            };
+            let stop_tx = std::sync::Arc::new(stop_tx);
+            let on_signal = stop_tx.clone();
+            tokio::spawn(async move {
+                wardgate_common::signal::shutdown().await;
+                let _ = on_signal.send(true);
+            });
+            let result = control::run(&dir, opts, handle, stop()).await;
+            // Refused for good (revoked): stop forwarding too — fail closed.
+            let _ = stop_tx.send(true);
+            if let Some(t) = dp_task {
+                let _ = t.await;
+            }
+            result?;
         }
     }
     Ok(())

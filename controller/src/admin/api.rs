@@ -26,7 +26,7 @@ const MAX_JOIN_TTL_SECS: u64 = 7 * 24 * 3600;
 const DEFAULT_JOIN_TTL_SECS: u64 = 3600;
 
 /// An API failure: status, stable code, message.
-pub struct Failure(StatusCode, &'static str, String);
+pub struct Failure(pub StatusCode, pub &'static str, pub String);
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
@@ -69,7 +69,8 @@ fn now_ms() -> i64 {
 
 /// An authenticated administrator (the admin token's id).
 pub struct Admin {
-    actor: String,
+    /// The audit actor (`admin:<token id>`).
+    pub actor: String,
 }
 
 impl FromRequestParts<Arc<Controller>> for Admin {
@@ -130,6 +131,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}/{action}", post(decide_device))
         .route("/api/v1/users", get(list_users).post(create_user))
+        .merge(super::access_api::router())
         .with_state(ctl)
 }
 
@@ -369,6 +371,11 @@ async fn decide_device(
                     now,
                 )
                 .await?;
+            // Its grants end at the gateways (awaited) before the answer, and the device is
+            // told why before it is cut off.
+            let grants = ctl.store.active_grants_for_device(&id, now).await?;
+            ctl.end_grants(grants, "device revoked", &admin.actor, true)
+                .await;
             ctl.registry.disconnect(
                 &format!("device:{id}"),
                 CLOSE_REFUSED,

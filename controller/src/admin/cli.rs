@@ -49,6 +49,86 @@ pub enum AdminCmd {
     /// Runtime settings.
     #[command(subcommand)]
     Settings(SettingsCmd),
+    /// Groups and their members.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Resources (JSON documents: name, addresses, rules, gateways, labels).
+    #[command(subcommand)]
+    Resource(DocCmd),
+    /// Policies (JSON documents: name, groups, resources, conditions).
+    #[command(subcommand)]
+    Policy(DocCmd),
+    /// Would this user get this resource now? Why not?
+    DryRun {
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The resource.
+        #[arg(long)]
+        resource: String,
+    },
+    /// Live grants.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+}
+
+/// Group commands.
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Creates a group.
+    Create {
+        /// Name.
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Lists groups with members.
+    List,
+    /// Adds a user to a group.
+    AddMember {
+        /// Group.
+        group: String,
+        /// User name.
+        username: String,
+    },
+    /// Removes a user from a group (their grants are re-evaluated at once).
+    RemoveMember {
+        /// Group.
+        group: String,
+        /// User name.
+        username: String,
+    },
+}
+
+/// Resource and policy commands.
+#[derive(Debug, Subcommand)]
+pub enum DocCmd {
+    /// Creates or replaces one from a JSON file (validated with the whole policy set).
+    Put {
+        /// The JSON file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Lists them.
+    List,
+    /// Deletes one.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// Grant commands.
+#[derive(Debug, Subcommand)]
+pub enum GrantCmd {
+    /// Lists live grants.
+    List,
+    /// Ends a grant now: the gateways drop it and the device is told.
+    Revoke {
+        /// Grant id.
+        id: i64,
+    },
 }
 
 /// Gateway commands.
@@ -111,6 +191,11 @@ pub enum UserCmd {
     },
     /// Lists users.
     List,
+    /// Disables a user: sessions and grants end, the devices are disconnected.
+    Disable {
+        /// User name.
+        username: String,
+    },
 }
 
 /// Settings commands.
@@ -187,6 +272,52 @@ impl AdminClient {
     ) -> anyhow::Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
+    }
+
+    /// POST `body` to `path`, accepting an empty answer.
+    pub async fn post_empty<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.send_empty(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// PUT `body` to `path`, accepting an empty answer.
+    pub async fn put_json<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.send_empty(self.http.put(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    /// DELETE `path`.
+    pub async fn delete_empty(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        self.send_empty(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn send_empty(&self, req: reqwest::RequestBuilder) -> anyhow::Result<serde_json::Value> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .context("cannot reach the admin API; is `wardgate-controller serve` running?")?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            match serde_json::from_slice::<ApiError>(&bytes) {
+                Ok(e) => bail!("{} ({}, HTTP {})", e.message, e.error, status.as_u16()),
+                Err(_) => bail!("the admin API answered HTTP {status}"),
+            }
+        }
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&bytes).context("unexpected answer from the admin API")
     }
 
     /// PUT `body` to `path`.
@@ -384,6 +515,125 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                 s
             })
         }
+        AdminCmd::User(UserCmd::Disable { username }) => {
+            let r: serde_json::Value = c
+                .post(&format!("/api/v1/users/{username}/disable"), &())
+                .await?;
+            print(json, &r, |r| {
+                format!(
+                    "user {username} disabled; {} grant(s) ended",
+                    r["grants_ended"]
+                )
+            })
+        }
+        AdminCmd::Group(g) => match g {
+            GroupCmd::Create { name, description } => {
+                let _: serde_json::Value = c
+                    .post_empty(
+                        "/api/v1/groups",
+                        &serde_json::json!({"name": name, "description": description}),
+                    )
+                    .await?;
+                print(json, &serde_json::json!({"group": name}), |_| {
+                    format!("group {name} created")
+                })
+            }
+            GroupCmd::List => {
+                let r: serde_json::Value = c.get("/api/v1/groups").await?;
+                print(json, &r, |r| {
+                    r.as_array()
+                        .map(|gs| {
+                            gs.iter()
+                                .map(|g| {
+                                    format!(
+                                        "{:<20} {}",
+                                        g["name"].as_str().unwrap_or(""),
+                                        g["members"]
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        })
+                        .unwrap_or_default()
+                })
+            }
+            GroupCmd::AddMember { group, username } => {
+                let _: serde_json::Value = c
+                    .post_empty(
+                        &format!("/api/v1/groups/{group}/members"),
+                        &serde_json::json!({"username": username}),
+                    )
+                    .await?;
+                print(
+                    json,
+                    &serde_json::json!({"group": group, "added": username}),
+                    |_| format!("{username} added to {group}"),
+                )
+            }
+            GroupCmd::RemoveMember { group, username } => {
+                let _: serde_json::Value = c
+                    .delete_empty(&format!("/api/v1/groups/{group}/members/{username}"))
+                    .await?;
+                print(
+                    json,
+                    &serde_json::json!({"group": group, "removed": username}),
+                    |_| format!("{username} removed from {group}"),
+                )
+            }
+        },
+        AdminCmd::Resource(d) => doc(&c, json, "resources", d).await,
+        AdminCmd::Policy(d) => doc(&c, json, "policies", d).await,
+        AdminCmd::DryRun { user, resource } => {
+            let r: serde_json::Value = c
+                .post(
+                    "/api/v1/access/dry-run",
+                    &serde_json::json!({"user": user, "resource": resource}),
+                )
+                .await?;
+            print(json, &r, |r| {
+                if r["allowed"] == true {
+                    format!("{user} WOULD get {resource} now")
+                } else {
+                    let reasons: Vec<String> = r["reasons"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(|s| format!("  - {s}")))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "{user} would NOT get {resource} now:\n{}",
+                        reasons.join("\n")
+                    )
+                }
+            })
+        }
+        AdminCmd::Grant(GrantCmd::List) => {
+            let r: serde_json::Value = c.get("/api/v1/grants").await?;
+            print(json, &r, |r| {
+                r.as_array()
+                    .map(|gs| {
+                        gs.iter()
+                            .map(|g| {
+                                format!(
+                                    "{:<20} {:<22} {:<14} until {}",
+                                    g["id"],
+                                    g["device_id"].as_str().unwrap_or(""),
+                                    g["resource"].as_str().unwrap_or(""),
+                                    fmt_ms(g["expires_ms"].as_i64().unwrap_or(0))
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        AdminCmd::Grant(GrantCmd::Revoke { id }) => {
+            let r: serde_json::Value = c.post(&format!("/api/v1/grants/{id}/revoke"), &()).await?;
+            print(json, &r, |_| format!("grant {id} revoked"))
+        }
         AdminCmd::Settings(SettingsCmd::Show) => {
             let r: Settings = c.get("/api/v1/settings").await?;
             print(json, &r, |s| {
@@ -409,6 +659,35 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                     "enrolment requires approval: {}",
                     s.enrolment_requires_approval
                 )
+            })
+        }
+    }
+}
+
+async fn doc(c: &AdminClient, json: bool, kind: &str, cmd: DocCmd) -> anyhow::Result<()> {
+    match cmd {
+        DocCmd::Put { file } => {
+            let body: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
+            )
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+            let name = body["name"]
+                .as_str()
+                .context("the document has no \"name\"")?
+                .to_owned();
+            let r = c.put_json(&format!("/api/v1/{kind}/{name}"), &body).await?;
+            print(json, &r, |_| format!("{kind} {name} saved"))
+        }
+        DocCmd::List => {
+            let r: serde_json::Value = c.get(&format!("/api/v1/{kind}")).await?;
+            print(json, &r, |r| {
+                serde_json::to_string_pretty(r).unwrap_or_default()
+            })
+        }
+        DocCmd::Delete { name } => {
+            let _ = c.delete_empty(&format!("/api/v1/{kind}/{name}")).await?;
+            print(json, &serde_json::json!({"deleted": name}), |_| {
+                format!("{kind} {name} deleted")
             })
         }
     }

@@ -2,6 +2,7 @@
 //! never opens the database: every administrative change goes through the API, where it is
 //! authenticated and audited.
 
+pub mod access_api;
 pub mod api;
 pub mod cli;
 pub mod https;

@@ -29,6 +29,10 @@ use super::{Backend, Store, StoreError, is_unique_violation};
 pub const AUDIT_GENESIS_HASH: &str =
     "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Rows read per query while verifying, so a log of millions of events is walked in bounded
+/// memory.
+const VERIFY_PAGE: i64 = 1_000;
+
 /// Key of the PostgreSQL advisory lock that serializes appends across replicas
 /// (ASCII "WGaudit1").
 const AUDIT_LOCK_KEY: i64 = 0x5747_6175_6469_7431;
@@ -129,6 +133,109 @@ impl Fields<'_> {
             h.update(field.as_bytes());
         }
         hex::encode(h.finalize())
+    }
+}
+
+/// The result of walking the whole audit chain (see [`Store::audit_verify`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AuditVerification {
+    /// Every stored event is in place and chained to the one before.
+    Intact {
+        /// How many events were checked (`seq` 1 to `count`).
+        count: i64,
+        /// The last event's hash ([`AUDIT_GENESIS_HASH`] for an empty log). Kept outside the
+        /// database (printed, exported), it also exposes events later cut off the end, which
+        /// the chain alone cannot show.
+        last_hash: String,
+    },
+    /// The chain breaks; nothing after the first break is judged.
+    Broken(AuditBreak),
+}
+
+/// Where and how the audit chain first breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditBreak {
+    /// The first position at which the log is not what it must be: the changed event, or for
+    /// a gap the first missing `seq`.
+    pub seq: i64,
+    /// How many events before it were verified intact.
+    pub verified: i64,
+    /// What is wrong there.
+    pub problem: AuditProblem,
+}
+
+impl std::fmt::Display for AuditBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the audit chain breaks at event {} ({} events before it verified): {}",
+            self.seq, self.verified, self.problem
+        )
+    }
+}
+
+/// What is wrong with the event where the audit chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuditProblem {
+    /// The event's contents do not give its stored hash: the event was changed.
+    HashMismatch {
+        /// The stored `hash`.
+        stored: String,
+        /// What [`audit_hash`] gives for the stored contents.
+        computed: String,
+    },
+    /// The event's `prev_hash` is not the previous event's `hash`: an event before it was
+    /// replaced (contents and hash) or removed, or the events were reordered.
+    PrevHashMismatch {
+        /// The stored `prev_hash`.
+        stored: String,
+        /// The previous event's hash (or [`AUDIT_GENESIS_HASH`] for the first).
+        expected: String,
+    },
+    /// The `seq` that must come next is missing: events were deleted.
+    SeqGap {
+        /// The `seq` that must come next.
+        expected: i64,
+        /// The `seq` stored in its place.
+        found: i64,
+    },
+    /// The stored detail is not JSON, so it cannot be what was hashed.
+    DetailNotJson {
+        /// The parser's complaint.
+        error: String,
+    },
+    /// The stored detail is JSON but not in the compact form the store writes: its text was
+    /// edited, even if its meaning and so its hash are unchanged.
+    DetailNotCanonical,
+}
+
+impl std::fmt::Display for AuditProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditProblem::HashMismatch { stored, computed } => write!(
+                f,
+                "its contents hash to {computed}, not to its stored hash {stored}: the event \
+                 was changed"
+            ),
+            AuditProblem::PrevHashMismatch { stored, expected } => write!(
+                f,
+                "its prev_hash {stored} is not the previous event's hash {expected}: an event \
+                 before it was replaced or removed"
+            ),
+            AuditProblem::SeqGap { expected, found } => write!(
+                f,
+                "event {expected} is missing (the next stored event is {found}): events were \
+                 deleted"
+            ),
+            AuditProblem::DetailNotJson { error } => {
+                write!(f, "its detail is not JSON ({error}): the event was changed")
+            }
+            AuditProblem::DetailNotCanonical => f.write_str(
+                "its detail is not in the form the store writes: the event's text was edited",
+            ),
+        }
     }
 }
 
@@ -261,5 +368,108 @@ impl Store {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(from_row).collect()
+    }
+}
+
+impl Store {
+    /// Walks the whole audit chain in `seq` order, a page at a time, and returns the first
+    /// break — a changed event (hash mismatch), a replaced or removed predecessor (prev_hash
+    /// mismatch), a missing `seq` (gap) — or the count and last hash of an intact log.
+    ///
+    /// Events appended while it runs are checked too if they land before the walk reaches
+    /// the end. Events cut off the end leave no break; compare the count and last hash with a
+    /// copy kept elsewhere to notice that. `Err` only when the database cannot be read.
+    pub async fn audit_verify(&self) -> Result<AuditVerification, StoreError> {
+        let mut expected_seq: i64 = 1;
+        let mut prev_hash = AUDIT_GENESIS_HASH.to_owned();
+        let mut after = i64::MIN;
+        let sql = format!("SELECT {COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2");
+        loop {
+            let rows = sqlx::query(&sql)
+                .bind(after)
+                .bind(VERIFY_PAGE)
+                .fetch_all(&self.pool)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.try_get("seq")?;
+            for row in &rows {
+                let checked = expected_seq - 1;
+                let broken = |seq: i64, problem: AuditProblem| {
+                    Ok(AuditVerification::Broken(AuditBreak {
+                        seq,
+                        verified: checked,
+                        problem,
+                    }))
+                };
+                let seq: i64 = row.try_get("seq")?;
+                if seq != expected_seq {
+                    return broken(
+                        expected_seq,
+                        AuditProblem::SeqGap {
+                            expected: expected_seq,
+                            found: seq,
+                        },
+                    );
+                }
+                let stored_prev: String = row.try_get("prev_hash")?;
+                if stored_prev != prev_hash {
+                    return broken(
+                        seq,
+                        AuditProblem::PrevHashMismatch {
+                            stored: stored_prev,
+                            expected: prev_hash,
+                        },
+                    );
+                }
+                let detail_text: String = row.try_get("detail")?;
+                let detail: serde_json::Value = match serde_json::from_str(&detail_text) {
+                    Ok(detail) => detail,
+                    Err(e) => {
+                        return broken(
+                            seq,
+                            AuditProblem::DetailNotJson {
+                                error: e.to_string(),
+                            },
+                        );
+                    }
+                };
+                let event = NewAuditEvent {
+                    at_ms: row.try_get("at_ms")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    target: row.try_get("target")?,
+                    outcome: row.try_get("outcome")?,
+                    detail,
+                };
+                let stored_hash: String = row.try_get("hash")?;
+                let computed = audit_hash(&prev_hash, seq, &event);
+                if computed != stored_hash {
+                    return broken(
+                        seq,
+                        AuditProblem::HashMismatch {
+                            stored: stored_hash,
+                            computed,
+                        },
+                    );
+                }
+                // Compared as text: the hash covers the re-serialized value, so an edit that
+                // keeps the meaning (spacing, key order) passes the hash check but not this.
+                let canonical = event.detail.to_string();
+                if canonical != detail_text {
+                    return broken(seq, AuditProblem::DetailNotCanonical);
+                }
+                prev_hash = stored_hash;
+                expected_seq = seq.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+                    what: format!("audit seq {seq} (no successor)"),
+                })?;
+            }
+            if i64::try_from(rows.len()).unwrap_or(i64::MAX) < VERIFY_PAGE {
+                break;
+            }
+        }
+        Ok(AuditVerification::Intact {
+            count: expected_seq - 1,
+            last_hash: prev_hash,
+        })
     }
 }

@@ -1,7 +1,10 @@
 //! Client devices and their enrolment state machine.
 
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -89,10 +92,13 @@ pub struct Device {
     pub created_ms: i64,
     /// Time of the last status decision, ms since the Unix epoch.
     pub decided_ms: Option<i64>,
+    /// Its IPv4 address inside the tunnel (dotted quad), shared by all its grants; set once by
+    /// [`Store::assign_tunnel_addr`] and kept for the life of the device.
+    pub tunnel_addr: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, owner_user_id, status, csr_pem, cert_pem, cert_fingerprint, \
-                       poll_token_hash, os, hostname, created_ms, decided_ms";
+                       poll_token_hash, os, hostname, created_ms, decided_ms, tunnel_addr";
 
 fn from_row(row: &AnyRow) -> Result<Device, StoreError> {
     let id: String = row.try_get("id")?;
@@ -112,18 +118,20 @@ fn from_row(row: &AnyRow) -> Result<Device, StoreError> {
         hostname: row.try_get("hostname")?,
         created_ms: row.try_get("created_ms")?,
         decided_ms: row.try_get("decided_ms")?,
+        tunnel_addr: row.try_get("tunnel_addr")?,
         id,
     })
 }
 
 impl Store {
     /// Records an enrolment request. `NotFound` if the owner does not exist, `Conflict` if the
-    /// id, poll token or certificate fingerprint is taken.
+    /// id, poll token, certificate fingerprint or tunnel address is taken.
     pub async fn insert_device(&self, d: &Device) -> Result<(), StoreError> {
         let result = sqlx::query(
             "INSERT INTO devices (id, name, owner_user_id, status, csr_pem, cert_pem, \
-             cert_fingerprint, poll_token_hash, os, hostname, created_ms, decided_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             cert_fingerprint, poll_token_hash, os, hostname, created_ms, decided_ms, \
+             tunnel_addr) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(d.id.as_str())
         .bind(d.name.as_str())
@@ -137,6 +145,7 @@ impl Store {
         .bind(d.hostname.as_str())
         .bind(d.created_ms)
         .bind(d.decided_ms)
+        .bind(d.tunnel_addr.as_deref())
         .execute(&self.pool)
         .await;
         match result {
@@ -149,6 +158,9 @@ impl Store {
                 candidates.push(("poll_token_hash", d.poll_token_hash.as_str()));
                 if let Some(fp) = &d.cert_fingerprint {
                     candidates.push(("cert_fingerprint", fp.as_str()));
+                }
+                if let Some(addr) = &d.tunnel_addr {
+                    candidates.push(("tunnel_addr", addr.as_str()));
                 }
                 Err(self.conflict("device", "devices", &candidates).await)
             }
@@ -273,5 +285,116 @@ impl Store {
                 })
             }
         }
+    }
+}
+
+impl Store {
+    /// The device's tunnel address: the one it already has, or else the lowest free host
+    /// address of `pool`, which is then the device's for good (all its grants share it).
+    ///
+    /// Never handed out: the pool's network address, its first host (the gateways' own
+    /// address inside the tunnel), its broadcast address, and `reserved`. Addresses a device
+    /// already has are kept even if `pool` changes later. Race-free across tasks and replicas:
+    /// the address is claimed with `UPDATE … WHERE tunnel_addr IS NULL` under the column's
+    /// UNIQUE index, so a device gets one address however many requests race, and two devices
+    /// racing for one address get different ones (the loser moves on to the next).
+    ///
+    /// `NotFound` if there is no such device; `Invalid` if the pool has no room for devices
+    /// (prefix longer than /30); `Conflict` if every address of the pool is taken.
+    pub async fn assign_tunnel_addr(
+        &self,
+        device_id: &str,
+        pool: Ipv4Net,
+        reserved: &[Ipv4Addr],
+    ) -> Result<Ipv4Addr, StoreError> {
+        if let Some(addr) = self.current_tunnel_addr(device_id).await? {
+            return Ok(addr);
+        }
+        if pool.prefix_len() > 30 {
+            return Err(StoreError::Invalid {
+                what: format!(
+                    "tunnel address pool {pool} has no room for devices (use a prefix of /30 or \
+                     shorter)"
+                ),
+            });
+        }
+
+        let pool = pool.trunc();
+        let mut taken: HashSet<Ipv4Addr> = reserved.iter().copied().collect();
+        let in_use: Vec<String> =
+            sqlx::query_scalar("SELECT tunnel_addr FROM devices WHERE tunnel_addr IS NOT NULL")
+                .fetch_all(&self.pool)
+                .await?;
+        // Only this pool's IPv4 addresses matter; anything else cannot collide with a candidate.
+        taken.extend(
+            in_use
+                .iter()
+                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+                .filter(|a| pool.contains(a)),
+        );
+
+        // Skips the network address and the first host (the gateways'); stops before the
+        // broadcast address. The /30 limit above keeps both bounds inside the pool.
+        let first = u32::from(pool.network()).saturating_add(2);
+        let last = u32::from(pool.broadcast()).saturating_sub(1);
+        for candidate in (first..=last).map(Ipv4Addr::from) {
+            if taken.contains(&candidate) {
+                continue;
+            }
+            let text = candidate.to_string();
+            let result = sqlx::query(
+                "UPDATE devices SET tunnel_addr = $1 WHERE id = $2 AND tunnel_addr IS NULL",
+            )
+            .bind(text.as_str())
+            .bind(device_id)
+            .execute(&self.pool)
+            .await;
+            match result {
+                Ok(r) if r.rows_affected() > 0 => return Ok(candidate),
+                Ok(_) => {
+                    // Nothing updated: the device got an address meanwhile (a concurrent call
+                    // for it won), or it is gone.
+                    return match self.current_tunnel_addr(device_id).await? {
+                        Some(addr) => Ok(addr),
+                        None => Err(StoreError::Conflict {
+                            what: format!(
+                                "device {device_id} changed while its tunnel address was being \
+                                 assigned; try again"
+                            ),
+                        }),
+                    };
+                }
+                // Another device claimed this address first: try the next one.
+                Err(e) if is_unique_violation(&e) => {
+                    taken.insert(candidate);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict {
+            what: format!(
+                "every device address of the tunnel pool {pool} is taken; configure a larger pool"
+            ),
+        })
+    }
+
+    /// The device's tunnel address if it has one; `NotFound` if there is no such device.
+    async fn current_tunnel_addr(&self, device_id: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+        let row = sqlx::query("SELECT tunnel_addr FROM devices WHERE id = $1")
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound {
+                what: format!("device {device_id}"),
+            });
+        };
+        let addr: Option<String> = row.try_get("tunnel_addr")?;
+        addr.map(|a| {
+            a.parse::<Ipv4Addr>().map_err(|e| StoreError::Corrupt {
+                what: format!("tunnel_addr {a:?} of device {device_id} ({e})"),
+            })
+        })
+        .transpose()
     }
 }

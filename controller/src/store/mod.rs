@@ -27,22 +27,31 @@
 mod admin_tokens;
 mod audit;
 mod devices;
+mod documents;
 mod error;
 mod gateways;
+mod grants;
+mod groups;
 mod join_tokens;
 mod users;
 
 pub use admin_tokens::AdminToken;
-pub use audit::{AUDIT_GENESIS_HASH, AuditEvent, NewAuditEvent, audit_hash};
+pub use audit::{
+    AUDIT_GENESIS_HASH, AuditBreak, AuditEvent, AuditProblem, AuditVerification, NewAuditEvent,
+    audit_hash,
+};
 pub use devices::{Device, DeviceStatus};
+pub use documents::DocKind;
 pub use error::{ConsumeTokenError, ParseStatusError, StoreError};
 pub use gateways::{Gateway, GatewayStatus};
+pub use grants::{Grant, GrantStatus, NewGrant};
+pub use groups::Group;
 pub use join_tokens::JoinToken;
 pub use users::User;
 
-use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyConnection, AnyPool, Transaction};
 use sqlx::{Executor, Row};
 
 /// The schema, embedded at build time so a controller binary always carries the migrations it
@@ -192,6 +201,18 @@ impl Store {
         Ok(())
     }
 
+    /// Starts a transaction that will write. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`): a deferred transaction that reads first and writes later can fail
+    /// with "database is locked" when another writer got in between, and the busy timeout does
+    /// not help there. On PostgreSQL row locks do that job.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(tx)
+    }
+
     /// After a unique-constraint violation on `table`, finds which of the `(column, value)`
     /// pairs is already taken, so the conflict names it instead of a generic "duplicate".
     /// The column names come from this module, never from input.
@@ -268,4 +289,48 @@ fn string_list_json(list: &[String], whose: &str) -> Result<String, StoreError> 
     serde_json::to_string(list).map_err(|e| StoreError::Invalid {
         what: format!("networks of {whose} cannot be encoded as JSON: {e}"),
     })
+}
+
+/// Refuses text that is not one JSON value, so a JSON TEXT column only ever holds JSON and a
+/// bad document is caught when written, not when some later reader trips over it.
+fn check_json(text: &str, what: &str) -> Result<(), StoreError> {
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map(|_| ())
+        .map_err(|e| StoreError::Invalid {
+            what: format!("{what} is not valid JSON: {e}"),
+        })
+}
+
+/// Refuses an empty or over-long name: names are keys that people type and read.
+fn check_name(name: &str, what: &str) -> Result<(), StoreError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(StoreError::Invalid {
+            what: format!("{what} name must be 1 to {MAX_NAME_LEN} bytes long"),
+        });
+    }
+    Ok(())
+}
+
+/// Longest name (group, document) the store accepts, in bytes.
+const MAX_NAME_LEN: usize = 200;
+
+/// Counts one more change to the access model (see [`Store::policy_version`]). Called first
+/// in every such write transaction: on PostgreSQL the row lock it takes then serializes those
+/// transactions, so they cannot deadlock on each other's rows or race an upsert.
+async fn bump_policy_version(conn: &mut AnyConnection) -> Result<(), StoreError> {
+    let result = sqlx::query("UPDATE policy_version SET version = version + 1 WHERE id = 1")
+        .execute(&mut *conn)
+        .await?;
+    if result.rows_affected() != 1 {
+        return Err(StoreError::Corrupt {
+            what: "policy_version (its single row is missing)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Sorts names by their bytes: PostgreSQL's `ORDER BY` follows the database's collation
+/// (which may fold case), SQLite's compares bytes, and both back ends must list alike.
+fn sort_by_bytes<T>(items: &mut [T], key: impl Fn(&T) -> &str) {
+    items.sort_by(|a, b| key(a).as_bytes().cmp(key(b).as_bytes()));
 }

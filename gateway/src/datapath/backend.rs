@@ -260,3 +260,45 @@ impl Backend {
         }
     }
 }
+
+/// Userspace mode's resource address translation: flows to a listed `ip:port` are dialled at
+/// another address (e.g. a resource published on this host's loopback), everything else
+/// directly. Clients keep using the resource's published address; only the gateway knows.
+pub struct MapDialer {
+    map: std::collections::HashMap<SocketAddr, SocketAddr>,
+}
+
+impl MapDialer {
+    /// A dialer with these `published → real` pairs.
+    pub fn new(pairs: Vec<(SocketAddr, SocketAddr)>) -> Self {
+        Self {
+            map: pairs.into_iter().collect(),
+        }
+    }
+
+    fn target(&self, dst: SocketAddr) -> SocketAddr {
+        self.map.get(&dst).copied().unwrap_or(dst)
+    }
+}
+
+impl DynDialer for MapDialer {
+    fn dial_tcp(
+        &self,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
+    > {
+        let to = self.target(dst);
+        Box::pin(tokio::net::TcpStream::connect(to))
+    }
+
+    fn dial_udp(
+        &self,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::UdpSocket>> + Send + '_>,
+    > {
+        let to = self.target(dst);
+        Box::pin(async move { DirectDialer.dial_udp(to).await })
+    }
+}

@@ -34,7 +34,7 @@ use wardgate_common::keys::{self, StaticSecret};
 use wardgate_common::unix_ms;
 
 use backend::Backend;
-pub use backend::{BackendConfig, BackendError};
+pub use backend::{BackendConfig, BackendError, DynDialer, MapDialer};
 
 use crate::pep::{Event, GrantId, InboundVerdict, Peer, Pep, PepConfig, Verdict};
 
@@ -78,6 +78,19 @@ pub struct DatapathConfig {
     pub pep: PepConfig,
 }
 
+/// What a [`Handle::sync`] changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SyncReport {
+    /// Grants installed.
+    pub added: usize,
+    /// Grants removed.
+    pub removed: usize,
+    /// Grants left as they were.
+    pub kept: usize,
+    /// Grants refused (invalid or already expired), with why.
+    pub refused: Vec<(u64, String)>,
+}
+
 /// What [`Handle::stats`] returns: one row per grant plus totals, all counters since start.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Stats {
@@ -111,6 +124,7 @@ pub struct GrantStats {
 }
 
 enum Command {
+    Sync(Vec<GatewayGrant>, oneshot::Sender<SyncReport>),
     Add(
         Box<GatewayGrant>,
         oneshot::Sender<Result<(), DatapathError>>,
@@ -140,6 +154,18 @@ impl Handle {
             .await
             .map_err(|_| DatapathError::Stopped)?;
         rx.await.map_err(|_| DatapathError::Stopped)?
+    }
+
+    /// Makes the installed grants exactly `grants` (after a (re)connect to the controller):
+    /// grants not listed are removed, listed ones not installed are added; ones already
+    /// installed stay untouched, so their sessions and flows survive a controller restart.
+    pub async fn sync(&self, grants: Vec<GatewayGrant>) -> Result<SyncReport, DatapathError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Sync(grants, tx))
+            .await
+            .map_err(|_| DatapathError::Stopped)?;
+        rx.await.map_err(|_| DatapathError::Stopped)
     }
 
     /// Removes a grant at once; `false` if it was not installed.
@@ -267,6 +293,9 @@ impl Datapath {
 
     fn handle_command(&mut self, c: Command) {
         match c {
+            Command::Sync(grants, reply) => {
+                let _ = reply.send(self.sync(grants));
+            }
             Command::Add(g, reply) => {
                 let _ = reply.send(self.add_grant(*g));
             }
@@ -319,6 +348,31 @@ impl Datapath {
               expires_in_ms = expires_at.saturating_duration_since(now).as_millis() as u64, "grant installed");
         self.labels.insert(g.grant_id, g.label);
         Ok(())
+    }
+
+    fn sync(&mut self, grants: Vec<GatewayGrant>) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted: std::collections::HashSet<u64> = grants.iter().map(|g| g.grant_id).collect();
+        let installed: Vec<u64> = self.labels.keys().copied().collect();
+        for id in installed {
+            if !wanted.contains(&id) && self.remove_grant(id, "not in the controller's grant list")
+            {
+                report.removed += 1;
+            }
+        }
+        for g in grants {
+            if self.labels.contains_key(&g.grant_id) && self.pep.is_live(GrantId(g.grant_id), now())
+            {
+                report.kept += 1;
+                continue;
+            }
+            let id = g.grant_id;
+            match self.add_grant(g) {
+                Ok(()) => report.added += 1,
+                Err(e) => report.refused.push((id, e.to_string())),
+            }
+        }
+        report
     }
 
     fn remove_grant(&mut self, id: u64, why: &str) -> bool {

@@ -1,0 +1,582 @@
+//! The policy administrator (NIST SP 800-207 "PA"): turns the policy engine's decisions into
+//! grants and keeps the gateways in step.
+//!
+//! - **Issue** ([`Access::connect`]): gather the facts, ask the engine, and on allow: audit,
+//!   store the grant, push the peer to every gateway serving the resource and wait for their
+//!   acks. Any gateway offline or silent → the peers already pushed are removed, the grant is
+//!   deleted, the client gets a clear error: no half-made grant is left behind. The audit row is
+//!   written before the grant row, so no grant ever exists without its audit row; the grant row
+//!   is written before any push, so no gateway ever holds a peer the store does not know (a
+//!   crash in between is healed by the gateway's resync).
+//! - **Resync** ([`Access::gateway_grants`]): a (re)connecting gateway gets the full list.
+//! - **End** ([`Access::end_grants`]): revocation, device or user changes, policy changes and
+//!   expiry end grants in the store, remove the peers from the gateways, and tell the device why.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+use wardgate_common::grant::{ClientGrant, GatewayGrant};
+use wardgate_common::keys;
+use wardgate_common::proto::{ErrorCode, Push, Secret, ServerMsg, WireError};
+use wardgate_common::rule::Rule;
+use wardgate_common::unix_ms;
+
+use crate::policy::{AccessRequest, CompiledPolicies, Decision, Facts, PolicySet, Session};
+use crate::service::Controller;
+use crate::store::{DocKind, Grant, GrantStatus, NewGrant, StoreError};
+
+/// The pool device tunnel addresses come from; the first host is the gateways' own.
+pub const TUNNEL_POOL: &str = "100.64.0.0/10";
+/// How long a gateway may take to confirm a pushed change.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The controller's side of one live control connection: a queue of frames to write and the
+/// pushes waiting for their acks.
+pub struct PeerLink {
+    tx: mpsc::Sender<ServerMsg>,
+    acks: Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>,
+    next: AtomicU64,
+}
+
+impl PeerLink {
+    /// A link whose frames go to `tx` (drained by the connection's task).
+    pub fn new(tx: mpsc::Sender<ServerMsg>) -> Self {
+        Self {
+            tx,
+            acks: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// Sends a push and waits for the peer's ack.
+    pub async fn push(&self, push: Push, timeout: Duration) -> Result<(), String> {
+        let push_id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.acks.lock() {
+            m.insert(push_id, tx);
+        }
+        if self
+            .tx
+            .send(ServerMsg::Push { push_id, push })
+            .await
+            .is_err()
+        {
+            return Err("the peer disconnected".into());
+        }
+        let out = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the peer disconnected".into()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        };
+        if let Ok(mut m) = self.acks.lock() {
+            m.remove(&push_id);
+        }
+        out
+    }
+
+    /// Sends a push without waiting (the device may be gone; the gateway is what enforces).
+    pub fn notify(&self, push: Push) {
+        let push_id = self.next.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.try_send(ServerMsg::Push { push_id, push });
+    }
+
+    /// An ack arrived.
+    pub fn complete(&self, push_id: u64, result: Result<(), String>) {
+        if let Some(w) = self.acks.lock().ok().and_then(|mut m| m.remove(&push_id)) {
+            let _ = w.send(result);
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+fn ts(ms: i64) -> jiff::Timestamp {
+    jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    warn!(error = %e, "internal error in the policy administrator");
+    WireError::new(
+        ErrorCode::Internal,
+        "the controller hit an internal error; it has been logged there, try again later",
+    )
+}
+
+/// Compiled policies, rebuilt when the store's policy version changes (also by another
+/// replica).
+#[derive(Default)]
+pub struct PolicyCache {
+    cached: Mutex<Option<(i64, Arc<CompiledPolicies>)>>,
+}
+
+/// Loads every policy document and builds the set the engine compiles.
+pub async fn load_policy_set(ctl: &Controller) -> Result<PolicySet, StoreError> {
+    let mut set = PolicySet::default();
+    for g in ctl.store.list_groups().await? {
+        set.groups.insert(g.name);
+    }
+    for g in ctl.store.list_gateways().await? {
+        set.gateways.insert(g.name);
+    }
+    let parse = |kind: &str, name: &str, e: serde_json::Error| StoreError::Corrupt {
+        what: format!("{kind} {name}: {e}"),
+    };
+    for (name, spec) in ctl.store.list_documents(DocKind::Resource).await? {
+        set.resources
+            .push(serde_json::from_str(&spec).map_err(|e| parse("resource", &name, e))?);
+    }
+    for (name, spec) in ctl.store.list_documents(DocKind::PostureProfile).await? {
+        set.posture_profiles
+            .push(serde_json::from_str(&spec).map_err(|e| parse("posture profile", &name, e))?);
+    }
+    for (name, spec) in ctl.store.list_documents(DocKind::Policy).await? {
+        set.policies
+            .push(serde_json::from_str(&spec).map_err(|e| parse("policy", &name, e))?);
+    }
+    Ok(set)
+}
+
+impl PolicyCache {
+    /// The current compiled policies.
+    pub async fn get(&self, ctl: &Controller) -> Result<Arc<CompiledPolicies>, WireError> {
+        let version = ctl.store.policy_version().await.map_err(internal)?;
+        if let Some((v, c)) = self.cached.lock().ok().and_then(|g| g.clone())
+            && v == version
+        {
+            return Ok(c);
+        }
+        let set = load_policy_set(ctl).await.map_err(internal)?;
+        let compiled = CompiledPolicies::new(&set).map_err(|errs| {
+            internal(format!(
+                "stored policies do not validate: {}",
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })?;
+        let compiled = Arc::new(compiled);
+        if let Ok(mut g) = self.cached.lock() {
+            *g = Some((version, compiled.clone()));
+        }
+        Ok(compiled)
+    }
+}
+
+/// Gathers the facts the engine decides on for `device_id` now.
+pub async fn facts_for(
+    ctl: &Controller,
+    device_id: &str,
+    now: i64,
+) -> Result<(crate::store::User, Facts), WireError> {
+    let device = ctl
+        .store
+        .device_by_id(device_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| WireError::new(ErrorCode::DeviceRevoked, "this device is not known"))?;
+    let user = ctl
+        .store
+        .user_by_id(&device.owner_user_id)
+        .await
+        .map_err(internal)?
+        .ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UserDisabled,
+                "the account of this device is gone",
+            )
+        })?;
+    let groups = ctl.store.groups_of_user(&user.id).await.map_err(internal)?;
+    let facts = Facts {
+        groups,
+        // Local users have no second factor yet (TOTP comes with the identity work), so
+        // policies that require MFA deny them, with that reason.
+        mfa: false,
+        // The device's mutually authenticated connection is the session for local users;
+        // OIDC login sessions with lifetimes come with the identity work.
+        session: Session {
+            started_at: ts(now),
+            expires_at: None,
+        },
+        device: device.status,
+        user_disabled: user.disabled,
+        posture: None,
+    };
+    Ok((user, facts))
+}
+
+fn to_gateway_grant(g: &Grant, label: String) -> Result<GatewayGrant, WireError> {
+    let rules: Vec<Rule> = serde_json::from_str(&g.rules_json).map_err(internal)?;
+    Ok(GatewayGrant {
+        grant_id: g.wire_id(),
+        client_public_key: g.client_public_key.clone(),
+        preshared_key: g.preshared_key.clone(),
+        tunnel_addr: g.tunnel_addr.parse().map_err(internal)?,
+        rules,
+        expires_at_ms: g.expires_ms,
+        label,
+    })
+}
+
+impl Controller {
+    /// A device asks for `resource` with a fresh key: decide, then issue (see module docs).
+    pub async fn connect(
+        &self,
+        device_id: &str,
+        resource: &str,
+        wg_public_key: &str,
+        renews: Option<u64>,
+    ) -> Result<ClientGrant, WireError> {
+        let now = now_ms();
+        if keys::decode_public(wg_public_key).is_err() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "wg_public_key is not a WireGuard public key",
+            ));
+        }
+        let (user, facts) = facts_for(self, device_id, now).await?;
+        let policies = self.policies.get(self).await?;
+        let request = AccessRequest {
+            user: user.username.clone(),
+            device_id: device_id.to_owned(),
+            resource: resource.to_owned(),
+        };
+        let decision = policies.decide(&request, &facts, ts(now));
+        let actor = format!("user:{}", user.username);
+        let expires_at = match &decision {
+            Decision::Deny {
+                reasons,
+                closest_policy,
+            } => {
+                let words: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                self.audit(
+                    &actor,
+                    "access.decide",
+                    resource,
+                    "deny",
+                    json!({"device": device_id, "reasons": words, "codes": reasons.iter().map(|r| r.code()).collect::<Vec<_>>(),
+                           "closest_policy": closest_policy, "facts": facts}),
+                )
+                .await
+                .map_err(internal)?;
+                info!(user = %user.username, device = %device_id, resource, "access denied");
+                return Err(WireError::with_details(
+                    ErrorCode::AccessDenied,
+                    format!("access to {resource} denied"),
+                    words,
+                ));
+            }
+            Decision::Allow { expires_at, .. } => *expires_at,
+        };
+        let Decision::Allow { policy, .. } = &decision else {
+            return Err(internal("unreachable decision"));
+        };
+        let res = policies
+            .resource(resource)
+            .ok_or_else(|| {
+                WireError::new(ErrorCode::NotFound, format!("no resource named {resource}"))
+            })?
+            .clone();
+        let all_gateways = self.store.list_gateways().await.map_err(internal)?;
+        let gateways: Vec<_> = all_gateways
+            .iter()
+            .filter(|g| {
+                res.gateways.contains(&g.name) && g.status == crate::store::GatewayStatus::Active
+            })
+            .collect();
+        let Some(first_gw) = gateways.first() else {
+            return Err(WireError::new(
+                ErrorCode::GatewayUnavailable,
+                format!("no active gateway serves {resource}; ask an administrator"),
+            ));
+        };
+        let pool: ipnet::Ipv4Net = TUNNEL_POOL.parse().map_err(internal)?;
+        let tunnel = self
+            .store
+            .assign_tunnel_addr(device_id, pool, &[])
+            .await
+            .map_err(internal)?;
+        let psk = keys::encode_key(&keys::generate_private().to_bytes());
+        let new = NewGrant {
+            device_id: device_id.to_owned(),
+            user_id: user.id.clone(),
+            resource: resource.to_owned(),
+            policy: policy.to_string(),
+            client_public_key: wg_public_key.to_owned(),
+            preshared_key: Secret::new(psk.clone()),
+            tunnel_addr: tunnel.to_string(),
+            rules_json: serde_json::to_string(&res.rules).map_err(internal)?,
+            gateway_ids: gateways.iter().map(|g| g.id.clone()).collect(),
+            issued_ms: now,
+            expires_ms: expires_at.as_millisecond(),
+            renewed_from: renews.and_then(Grant::id_from_wire),
+        };
+        // Decision and intent first: no grant row may exist without its audit row.
+        self.audit(
+            &actor,
+            "access.decide",
+            resource,
+            "allow",
+            json!({"device": device_id, "policy": policy.to_string(), "expires_ms": new.expires_ms, "facts": facts}),
+        )
+        .await
+        .map_err(internal)?;
+        let grant = self.store.insert_grant(&new).await.map_err(|e| match e {
+            StoreError::Conflict { .. } => WireError::new(
+                ErrorCode::BadRequest,
+                "this WireGuard key was used before; make a fresh one",
+            ),
+            other => internal(other),
+        })?;
+        self.audit(
+            &actor,
+            "grant.issue",
+            &grant.id.to_string(),
+            "ok",
+            json!({"device": device_id, "resource": resource, "policy": grant.policy, "tunnel_addr": grant.tunnel_addr,
+                   "expires_ms": grant.expires_ms, "gateways": grant.gateway_ids, "renews": renews}),
+        )
+        .await
+        .map_err(internal)?;
+        let label = format!("{}@{} → {}", user.username, device_id, resource);
+        let gw_grant = to_gateway_grant(&grant, label)?;
+        // Push to every gateway at once; all must confirm.
+        let mut pushed = Vec::new();
+        let mut failure = None;
+        let mut set = tokio::task::JoinSet::new();
+        for g in &gateways {
+            let link = self.registry.link(&format!("gateway:{}", g.id));
+            let push = Push::AddGrant(gw_grant.clone());
+            let (id, name) = (g.id.clone(), g.name.clone());
+            set.spawn(async move {
+                let r = match link {
+                    Some(l) => l.push(push, ACK_TIMEOUT).await,
+                    None => Err("the gateway is not connected".to_owned()),
+                };
+                (id, name, r)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok((id, _, Ok(()))) => pushed.push(id),
+                Ok((_, name, Err(e))) => failure = Some(format!("gateway {name}: {e}")),
+                Err(e) => failure = Some(format!("push task failed: {e}")),
+            }
+        }
+        if let Some(why) = failure {
+            for id in &pushed {
+                if let Some(l) = self.registry.link(&format!("gateway:{id}")) {
+                    let _ = l
+                        .push(
+                            Push::RemoveGrant {
+                                grant_id: grant.wire_id(),
+                                reason: "issuance rolled back".into(),
+                            },
+                            ACK_TIMEOUT,
+                        )
+                        .await;
+                }
+            }
+            self.store.delete_grant(grant.id).await.map_err(internal)?;
+            self.audit(
+                &actor,
+                "grant.rollback",
+                &grant.id.to_string(),
+                "error",
+                json!({"reason": why}),
+            )
+            .await
+            .map_err(internal)?;
+            return Err(WireError::new(
+                ErrorCode::GatewayUnavailable,
+                format!("{why}; nothing was granted, try again shortly"),
+            ));
+        }
+        if let Some(old) = renews.and_then(Grant::id_from_wire)
+            && let Ok(Some(prev)) = self.store.grant_by_id(old).await
+            && prev.device_id == device_id
+        {
+            self.end_grants(vec![prev], "renewed", &actor, false).await;
+        }
+        info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
+        Ok(ClientGrant {
+            grant_id: grant.wire_id(),
+            resource: resource.to_owned(),
+            gateway_public_key: first_gw.wg_public_key.clone(),
+            gateway_endpoint: resolve_endpoint(&first_gw.endpoint).await?,
+            preshared_key: Secret::new(psk),
+            tunnel_addr: std::net::IpAddr::V4(tunnel),
+            rules: serde_json::from_str(&grant.rules_json).map_err(internal)?,
+            expires_at_ms: grant.expires_ms,
+        })
+    }
+
+    /// Every live grant a gateway must enforce (its resync).
+    pub async fn gateway_grants(&self, gateway_id: &str) -> Result<Vec<GatewayGrant>, WireError> {
+        let grants = self
+            .store
+            .active_grants_for_gateway(gateway_id, now_ms())
+            .await
+            .map_err(internal)?;
+        grants
+            .iter()
+            .map(|g| to_gateway_grant(g, format!("{} → {}", g.device_id, g.resource)))
+            .collect()
+    }
+
+    /// A device gives a grant back.
+    pub async fn disconnect(&self, device_id: &str, grant_id: u64) -> Result<(), WireError> {
+        let id = Grant::id_from_wire(grant_id)
+            .ok_or_else(|| WireError::new(ErrorCode::NotFound, "no such grant"))?;
+        let g = self.store.grant_by_id(id).await.map_err(internal)?;
+        match g {
+            Some(g) if g.device_id == device_id => {
+                self.end_grants(
+                    vec![g],
+                    "disconnected by the user",
+                    &format!("device:{device_id}"),
+                    false,
+                )
+                .await;
+                Ok(())
+            }
+            _ => Err(WireError::new(
+                ErrorCode::NotFound,
+                "no such grant on this device",
+            )),
+        }
+    }
+
+    /// Ends grants: store, gateways (removal pushed and awaited), and the device is told why.
+    /// Returns how many were ended.
+    pub async fn end_grants(
+        &self,
+        grants: Vec<Grant>,
+        reason: &str,
+        actor: &str,
+        tell_device: bool,
+    ) -> usize {
+        let now = now_ms();
+        let mut n = 0;
+        for g in grants {
+            if g.status != GrantStatus::Active {
+                continue;
+            }
+            match self.store.end_grant(g.id, reason, now).await {
+                Ok(Some(_)) => {}
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(grant = g.id, error = %e, "cannot end grant in the store");
+                    continue;
+                }
+            }
+            n += 1;
+            if let Err(e) = self
+                .audit(
+                    actor,
+                    "grant.end",
+                    &g.id.to_string(),
+                    "ok",
+                    json!({"reason": reason, "device": g.device_id, "resource": g.resource}),
+                )
+                .await
+            {
+                warn!(grant = g.id, error = %e, "cannot audit the end of a grant");
+            }
+            for gw in &g.gateway_ids {
+                if let Some(l) = self.registry.link(&format!("gateway:{gw}")) {
+                    let push = Push::RemoveGrant {
+                        grant_id: g.wire_id(),
+                        reason: reason.to_owned(),
+                    };
+                    if let Err(e) = l.push(push, ACK_TIMEOUT).await {
+                        // The gateway drops it at resync, or at expiry by its own clock.
+                        warn!(grant = g.id, gateway = %gw, error = %e, "gateway did not confirm a removal");
+                    }
+                }
+            }
+            if tell_device {
+                for l in self.registry.links(&format!("device:{}", g.device_id)) {
+                    l.notify(Push::GrantEnded {
+                        grant_id: g.wire_id(),
+                        reason: reason.to_owned(),
+                    });
+                }
+            }
+            info!(grant = g.id, reason, "grant ended");
+        }
+        n
+    }
+
+    /// Re-decides every live grant (after a policy, group or user change) and ends those the
+    /// policies no longer allow, telling each device why.
+    pub async fn reevaluate(&self, actor: &str) -> usize {
+        let now = now_ms();
+        let Ok(policies) = self.policies.get(self).await else {
+            return 0;
+        };
+        let Ok(grants) = self.store.active_grants(now).await else {
+            return 0;
+        };
+        let mut ended = 0;
+        for g in grants {
+            let Ok((user, facts)) = facts_for(self, &g.device_id, now).await else {
+                continue;
+            };
+            let request = AccessRequest {
+                user: user.username,
+                device_id: g.device_id.clone(),
+                resource: g.resource.clone(),
+            };
+            if let Decision::Deny { reasons, .. } = policies.decide(&request, &facts, ts(now)) {
+                let words: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                ended += self
+                    .end_grants(
+                        vec![g],
+                        &format!("no longer allowed: {}", words.join("; ")),
+                        actor,
+                        true,
+                    )
+                    .await;
+            }
+        }
+        ended
+    }
+
+    /// Marks expired grants as ended (gateways drop them by their own clocks already).
+    pub async fn sweep_expired(&self) {
+        if let Ok(expired) = self.store.expire_grants(now_ms()).await {
+            for g in expired {
+                let _ = self
+                    .audit(
+                        "system",
+                        "grant.expire",
+                        &g.id.to_string(),
+                        "ok",
+                        json!({"device": g.device_id, "resource": g.resource}),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
+async fn resolve_endpoint(s: &str) -> Result<std::net::SocketAddr, WireError> {
+    tokio::net::lookup_host(s)
+        .await
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| {
+            WireError::new(
+                ErrorCode::GatewayUnavailable,
+                format!("the gateway endpoint {s} does not resolve"),
+            )
+        })
+}

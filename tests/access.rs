@@ -1,0 +1,323 @@
+//! Access end to end with the real binaries on loopback, in the no-root userspace modes: the
+//! controller decides, pushes the per-grant peer to the gateway and waits for its ack; the
+//! client reaches the resource through the tunnel; denials carry every reason; revocation
+//! ends the grant at the gateway and tells the client why. The resource is published as
+//! 10.10.1.10:443 and the gateway dials it on loopback (`--map`), so nothing leaves the host.
+
+use std::path::Path;
+use std::time::Duration;
+
+use wardgate::harness::{Proc, World, bin, free_port, wait_for};
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Site {
+    w: World,
+    _gateway: Proc,
+    _resource: Proc,
+    socket: std::path::PathBuf,
+}
+
+fn write_json(dir: &Path, name: &str, v: serde_json::Value) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, v.to_string()).expect("write");
+    p.display().to_string()
+}
+
+fn site() -> Site {
+    let w = World::start(None, "info").expect("world");
+    for u in ["amara", "ben"] {
+        w.create_user(u, PASSWORD).expect("user");
+    }
+    for g in ["clinicians", "dba"] {
+        w.admin_json(&["group", "create", g], None).expect("group");
+    }
+    w.admin_json(&["group", "add-member", "clinicians", "amara"], None)
+        .expect("member");
+    // The resource, listening on loopback; published to clients as 10.10.1.10:443.
+    let http_port = free_port();
+    let mut c = std::process::Command::new(bin("wardgate-bench").expect("bin"));
+    c.args([
+        "node",
+        "http",
+        "--listen",
+        &format!("127.0.0.1:{http_port}"),
+    ]);
+    let resource = Proc::spawn(c, &w.logs, "resource").expect("resource");
+    // The gateway.
+    let gw_port = free_port();
+    let token = w
+        .join_token("gw-ehr", "10.10.0.0/16", "10m")
+        .expect("token");
+    let gw_dir = w.dir.path().join("gateway");
+    let mut cmd = std::process::Command::new(bin("wardgate-gateway").expect("bin"));
+    cmd.env("WARDGATE_JOIN_TOKEN", &token)
+        .arg("--state-dir")
+        .arg(&gw_dir)
+        .args(["join", "--controller", &w.quic.to_string(), "--ca"])
+        .arg(w.ca())
+        .args(["--endpoint", &format!("127.0.0.1:{gw_port}")]);
+    let r = wardgate::harness::run(cmd, None, &w.logs.join("gw-join.err")).expect("join");
+    assert!(r.ok, "{}", r.stderr);
+    let socket = gw_dir.join("gateway.sock");
+    let mut cmd = std::process::Command::new(bin("wardgate-gateway").expect("bin"));
+    cmd.env("RUST_LOG", "info")
+        .arg("--state-dir")
+        .arg(&gw_dir)
+        .args([
+            "run",
+            "--heartbeat",
+            "500ms",
+            "--max-backoff",
+            "1s",
+            "--mode",
+            "userspace",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{gw_port}"), "--socket"])
+        .arg(&socket)
+        .args(["--map", &format!("10.10.1.10:443=127.0.0.1:{http_port}")]);
+    let gateway = Proc::spawn(cmd, &w.logs, "gateway").expect("gateway");
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to connect and resync",
+        || {
+            std::fs::read_to_string(&gateway.stderr)
+                .ok()
+                .filter(|s| s.contains("grants resynced"))
+                .map(|_| ())
+        },
+    )
+    .expect("gateway online");
+    let d = w.dir.path().to_path_buf();
+    let f = write_json(
+        &d,
+        "ehr-web.json",
+        serde_json::json!({
+        "name": "ehr-web", "addresses": ["10.10.1.10/32"],
+        "rules": [{"dst": "10.10.1.10/32", "proto": "tcp", "ports": "443"}],
+        "gateways": ["gw-ehr"], "labels": ["phi"]}),
+    );
+    w.admin_json(&["resource", "put", "--file", &f], None)
+        .expect("resource ehr-web");
+    let f = write_json(
+        &d,
+        "ehr-db.json",
+        serde_json::json!({
+        "name": "ehr-db", "addresses": ["10.10.1.11/32"],
+        "rules": [{"dst": "10.10.1.11/32", "proto": "tcp", "ports": "5432"}],
+        "gateways": ["gw-ehr"], "labels": ["phi"]}),
+    );
+    w.admin_json(&["resource", "put", "--file", &f], None)
+        .expect("resource ehr-db");
+    let f = write_json(
+        &d,
+        "p1.json",
+        serde_json::json!({
+        "name": "clinicians-ehr", "groups": ["clinicians"], "resources": ["ehr-web"],
+        "conditions": {"mfa_required": false, "max_grant": "1h", "session_lifetime": "8h"}}),
+    );
+    w.admin_json(&["policy", "put", "--file", &f], None)
+        .expect("policy");
+    let f = write_json(
+        &d,
+        "p2.json",
+        serde_json::json!({
+        "name": "dba-db", "groups": ["dba"], "resources": ["ehr-db"],
+        "conditions": {"mfa_required": false, "max_grant": "1h", "session_lifetime": "8h"}}),
+    );
+    w.admin_json(&["policy", "put", "--file", &f], None)
+        .expect("policy 2");
+    Site {
+        w,
+        _gateway: gateway,
+        _resource: resource,
+        socket,
+    }
+}
+
+fn connect(s: &Site, cfg: &Path, resource: &str, local: u16) -> Proc {
+    let mut cmd = s.w.client_cmd(cfg).expect("cmd");
+    cmd.args([
+        "--json",
+        "connect",
+        resource,
+        "--mode",
+        "userspace",
+        "--forward",
+        &local.to_string(),
+    ]);
+    Proc::spawn(cmd, &s.w.logs, &format!("connect-{resource}-{local}")).expect("connect")
+}
+
+fn gateway_grants(s: &Site) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(bin("wardgate-gateway").expect("bin"))
+        .args(["stats", "--socket"])
+        .arg(&s.socket)
+        .output()
+        .expect("stats");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["grants"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn s1_s2_s7_connect_deny_and_stolen_laptop() {
+    let s = site();
+    let cfg = s.w.dir.path().join("amara-laptop");
+    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+
+    // S1: amara reaches ehr-web through her grant.
+    let local = free_port();
+    let mut conn = connect(&s, &cfg, "ehr-web", local);
+    let body = wait_for(
+        Duration::from_secs(20),
+        "ehr-web through the tunnel",
+        || {
+            let out = std::process::Command::new(bin("wardgate-bench").ok()?)
+                .args([
+                    "node",
+                    "get",
+                    "--to",
+                    &format!("127.0.0.1:{local}"),
+                    "--timeout",
+                    "3s",
+                ])
+                .output()
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .expect("S1: amara reaches ehr-web");
+    assert!(body.contains("wardgate-test-ok"), "{body}");
+    let grants = gateway_grants(&s);
+    assert_eq!(
+        grants.len(),
+        1,
+        "exactly one peer at the gateway: {grants:?}"
+    );
+    assert!(
+        grants[0]["label"].as_str().unwrap_or("").contains("amara"),
+        "{grants:?}"
+    );
+    let st = s.w.status(&cfg).expect("status");
+    assert_eq!(st["grant"]["resource"], "ehr-web", "{st}");
+
+    // S2: amara asks for ehr-db: denied, with the reason in words, and audited.
+    let mut cmd = s.w.client_cmd(&cfg).expect("cmd");
+    cmd.args([
+        "connect",
+        "ehr-db",
+        "--mode",
+        "userspace",
+        "--forward",
+        &free_port().to_string(),
+    ]);
+    let r = wardgate::harness::run(cmd, None, &s.w.logs.join("deny.err")).expect("run");
+    assert!(!r.ok);
+    assert!(r.stderr.contains("access to ehr-db denied"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("dba"),
+        "the reason names the group: {}",
+        r.stderr
+    );
+    let st = s.w.status(&cfg).expect("status");
+    assert_eq!(st["last_denial"]["resource"], "ehr-db", "{st}");
+    let dry =
+        s.w.admin_json(
+            &["dry-run", "--user", "amara", "--resource", "ehr-db"],
+            None,
+        )
+        .expect("dry");
+    assert_eq!(dry["allowed"], false, "{dry}");
+    assert_eq!(gateway_grants(&s).len(), 1, "a denial installs nothing");
+
+    // S7: the laptop is stolen; pat revokes the device. The grant ends at the gateway, the
+    // client is told why, and the device can no longer connect.
+    let dev = s.w.admin_json(&["device", "list"], None).expect("devices")[0]["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let t0 = std::time::Instant::now();
+    s.w.admin_json(&["device", "revoke", &dev], None)
+        .expect("revoke");
+    assert!(
+        gateway_grants(&s).is_empty(),
+        "the gateway dropped the peer when the revoke returned"
+    );
+    eprintln!(
+        "S7: revoke to peer removed at the gateway in {:?}",
+        t0.elapsed()
+    );
+    let exit = conn
+        .wait_exit(Duration::from_secs(20))
+        .expect("connect exits");
+    assert!(!exit.success());
+    let err = conn.stderr_text();
+    assert!(err.contains("device revoked"), "the client says why: {err}");
+    let mut cmd = s.w.client_cmd(&cfg).expect("cmd");
+    cmd.args([
+        "connect",
+        "ehr-web",
+        "--mode",
+        "userspace",
+        "--forward",
+        &free_port().to_string(),
+    ]);
+    let r = wardgate::harness::run(cmd, None, &s.w.logs.join("again.err")).expect("run");
+    assert!(!r.ok && r.stderr.contains("revoked"), "{}", r.stderr);
+}
+
+#[test]
+fn policy_change_and_user_disable_end_grants_and_say_why() {
+    let s = site();
+    let cfg = s.w.dir.path().join("amara-laptop");
+    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+    let local = free_port();
+    let mut conn = connect(&s, &cfg, "ehr-web", local);
+    wait_for(Duration::from_secs(20), "the grant at the gateway", || {
+        (gateway_grants(&s).len() == 1).then_some(())
+    })
+    .expect("granted");
+    // amara leaves the clinicians group: the policy no longer allows her grant.
+    s.w.admin_json(&["group", "remove-member", "clinicians", "amara"], None)
+        .expect("remove member");
+    let exit = conn
+        .wait_exit(Duration::from_secs(20))
+        .expect("connect exits");
+    assert!(!exit.success());
+    assert!(
+        conn.stderr_text().contains("no longer allowed"),
+        "{}",
+        conn.stderr_text()
+    );
+    assert!(gateway_grants(&s).is_empty());
+
+    // Back in the group, connected again; then the account is disabled (S8).
+    s.w.admin_json(&["group", "add-member", "clinicians", "amara"], None)
+        .expect("add back");
+    let mut conn = connect(&s, &cfg, "ehr-web", free_port());
+    wait_for(Duration::from_secs(20), "the new grant", || {
+        (gateway_grants(&s).len() == 1).then_some(())
+    })
+    .expect("granted again");
+    s.w.admin_json(&["user", "disable", "amara"], None)
+        .expect("disable");
+    assert!(
+        gateway_grants(&s).is_empty(),
+        "disabling ends the grant at the gateway"
+    );
+    let exit = conn.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert!(!exit.success());
+    let mut cmd = s.w.client_cmd(&cfg).expect("cmd");
+    cmd.args([
+        "connect",
+        "ehr-web",
+        "--mode",
+        "userspace",
+        "--forward",
+        &free_port().to_string(),
+    ]);
+    let r = wardgate::harness::run(cmd, None, &s.w.logs.join("disabled.err")).expect("run");
+    assert!(!r.ok && r.stderr.contains("disabled"), "{}", r.stderr);
+}
