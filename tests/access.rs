@@ -321,3 +321,112 @@ fn policy_change_and_user_disable_end_grants_and_say_why() {
     let r = wardgate::harness::run(cmd, None, &s.w.logs.join("disabled.err")).expect("run");
     assert!(!r.ok && r.stderr.contains("disabled"), "{}", r.stderr);
 }
+
+fn audit_cmd(s: &Site, args: &[&str]) -> wardgate::harness::Ran {
+    let mut cmd = std::process::Command::new(bin("wardgate-controller").expect("bin"));
+    cmd.arg("--data-dir")
+        .arg(&s.w.data_dir)
+        .arg("audit")
+        .args(args);
+    wardgate::harness::run(cmd, None, &s.w.logs.join("audit.err")).expect("audit")
+}
+
+#[test]
+fn s9_auditor_exports_and_verifies_and_an_edited_row_is_named() {
+    let s = site();
+    let cfg = s.w.dir.path().join("amara-laptop");
+    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+    let mut cmd = s.w.client_cmd(&cfg).expect("cmd");
+    cmd.args([
+        "connect",
+        "ehr-db",
+        "--mode",
+        "userspace",
+        "--forward",
+        &free_port().to_string(),
+    ]);
+    let r = wardgate::harness::run(cmd, None, &s.w.logs.join("deny.err")).expect("run");
+    assert!(!r.ok);
+
+    let v = audit_cmd(&s, &["verify"]);
+    assert!(
+        v.ok && v.stdout.contains("intact"),
+        "{} {}",
+        v.stdout,
+        v.stderr
+    );
+    let yesterday = humantime_yesterday();
+    let out = audit_cmd(&s, &["export", "--since", &yesterday]);
+    assert!(out.ok, "{}", out.stderr);
+    let lines: Vec<serde_json::Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect();
+    assert!(lines.len() > 10, "{} events", lines.len());
+    for l in &lines {
+        for k in ["seq", "at", "actor", "action", "outcome", "hash"] {
+            assert!(!l[k].is_null(), "missing {k} in {l}");
+        }
+    }
+    let deny = lines
+        .iter()
+        .find(|l| l["action"] == "access.decide" && l["outcome"] == "deny")
+        .expect("the denial is in the log");
+    assert_eq!(deny["actor"], "user:amara");
+    assert!(
+        deny["detail"]["reasons"].to_string().contains("dba"),
+        "{deny}"
+    );
+    assert!(
+        !deny["detail"]["facts"].is_null(),
+        "the facts used are recorded: {deny}"
+    );
+
+    // Someone edits one row in the database.
+    let db = s.w.data_dir.join("wardgate.db");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("db");
+        sqlx::query("UPDATE audit_log SET detail = '{\"innocent\":true}' WHERE seq = 7")
+            .execute(&mut c)
+            .await
+            .expect("tamper");
+    });
+    let v = audit_cmd(&s, &["verify"]);
+    assert!(!v.ok, "verify must fail after tampering");
+    assert!(
+        v.stderr.contains("row 7"),
+        "names the first broken row: {}",
+        v.stderr
+    );
+}
+
+fn humantime_yesterday() -> String {
+    let t = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    // RFC 3339 seconds, UTC.
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!("{y:04}-{m:02}-{d:02}T00:00:00Z")
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}

@@ -52,6 +52,10 @@ enum Cmd {
     },
     /// Runs the control plane and the admin API until SIGINT or SIGTERM.
     Serve,
+    /// The tamper-evident audit log, read straight from the database (auditor tooling: it
+    /// needs read access to the store, not an admin token, and trusts no running controller).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Administers a running controller through its admin API.
     Admin {
         #[command(flatten)]
@@ -68,6 +72,71 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Walks the hash chain; names the first broken row. Exits non-zero when broken.
+    Verify,
+    /// Writes events as JSON lines (who, what, when, why, with the facts used).
+    Export {
+        /// Only events at or after this instant (RFC 3339, e.g. 2026-11-27T00:00:00Z).
+        #[arg(long)]
+        since: Option<humantime::Timestamp>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+async fn audit(dir: &DataDir, cmd: AuditCmd) -> anyhow::Result<()> {
+    use std::io::Write;
+    let config = wardgate_controller::config::ControllerConfig::load(dir)?;
+    let store = wardgate_controller::store::Store::open(&config.database_url).await?;
+    match cmd {
+        AuditCmd::Verify => {
+            let v = store.audit_verify().await?;
+            store.close().await;
+            match v {
+                wardgate_controller::store::AuditVerification::Intact { count, last_hash } => {
+                    println!("audit log intact: {count} events, last hash {last_hash}");
+                }
+                wardgate_controller::store::AuditVerification::Broken(b) => {
+                    anyhow::bail!("audit log BROKEN at row {}: {b}", b.seq);
+                }
+            }
+        }
+        AuditCmd::Export { since, out } => {
+            let since_ms = since.map(|t| wardgate_common::unix_ms(std::time::SystemTime::from(t)));
+            let events = store.list_audit(since_ms, None).await?;
+            store.close().await;
+            let mut w: Box<dyn Write> = match &out {
+                Some(p) => Box::new(
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot write {}", p.display()))?,
+                ),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            for e in events {
+                let at = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_millis(u64::try_from(e.at_ms).unwrap_or(0));
+                let line = serde_json::json!({
+                    "seq": e.seq,
+                    "at": humantime::format_rfc3339_millis(at).to_string(),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "target": e.target,
+                    "outcome": e.outcome,
+                    "detail": e.detail,
+                    "hash": e.hash,
+                    "prev_hash": e.prev_hash,
+                });
+                writeln!(w, "{line}")?;
+            }
+            w.flush()?;
+        }
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -139,6 +208,7 @@ async fn real_main() -> anyhow::Result<()> {
             handle.cancel();
             running.join().await;
         }
+        Cmd::Audit(cmd) => audit(&dir, cmd).await?,
         Cmd::Admin { conn, cmd } => {
             wardgate_controller::admin::cli::run(conn, dir, cmd).await?;
         }
