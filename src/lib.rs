@@ -5,6 +5,8 @@
 
 pub mod attack;
 pub mod bench;
+pub mod build;
+pub mod demo;
 pub mod dpnet;
 pub mod harness;
 pub mod netns;

@@ -146,36 +146,6 @@ enum NodeCmd {
     },
 }
 
-/// `cargo run --bin wardgate-bench` builds only this package; the bench also runs the gateway
-/// and client binaries, so build them with the same profile (a no-op when they are fresh).
-fn build_siblings() -> anyhow::Result<()> {
-    let Ok(cargo) = std::env::var("CARGO") else {
-        return Ok(());
-    };
-    let release = std::env::current_exe()?
-        .parent()
-        .is_some_and(|d| d.ends_with("release"));
-    let mut c = std::process::Command::new(cargo);
-    c.args([
-        "build",
-        "--bins",
-        "-p",
-        "wardgate-gateway",
-        "-p",
-        "wardgate-client",
-        "-p",
-        "wardgate",
-    ]);
-    if release {
-        c.arg("--release");
-    }
-    let st = c.status()?;
-    if !st.success() {
-        anyhow::bail!("building the gateway and client binaries failed");
-    }
-    Ok(())
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -203,7 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             runs,
             peers,
         } => {
-            build_siblings()?;
+            wardgate::build::build_siblings()?;
             let opts = wardgate::bench::Options {
                 bytes,
                 runs,
