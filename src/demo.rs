@@ -49,15 +49,23 @@ fn get(local: u16) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Plays the demo; returns an error (and a non-zero exit) if any story does not hold.
-pub fn run_demo() -> anyhow::Result<()> {
-    let started = Instant::now();
-    step("Setting up: controller (SQLite), admin token, users, groups");
+/// A running site: controller, gateway (userspace, resource published as 10.10.1.10:443 and
+/// dialled on loopback), the sample EHR, resources `ehr-web`/`ehr-db`, policies for
+/// `clinicians`/`dba`, and amara's enrolled laptop.
+pub struct Site {
+    /// Controller and CLIs.
+    pub w: World,
+    /// The gateway process.
+    pub gateway: Proc,
+    /// The sample EHR web server.
+    pub resource: Proc,
+    /// amara's laptop's config directory.
+    pub client: std::path::PathBuf,
+}
+
+/// Sets up a [`Site`] whose grants last at most `max_grant` (e.g. `"20s"`).
+pub fn site(max_grant: &str) -> anyhow::Result<Site> {
     let w = World::start(None, "warn")?;
-    say(&format!(
-        "controller: QUIC {} · admin API https://{}",
-        w.quic, w.admin
-    ));
     for u in ["amara", "pat"] {
         w.create_user(u, PASSWORD)?;
     }
@@ -65,9 +73,6 @@ pub fn run_demo() -> anyhow::Result<()> {
         w.admin_json(&["group", "create", g], None)?;
     }
     w.admin_json(&["group", "add-member", "clinicians", "amara"], None)?;
-    say("users amara (clinicians) and pat; groups clinicians, dba");
-
-    step("A sample EHR web server on loopback, published to clients as 10.10.1.10:443");
     let http_port = free_port();
     let mut c = Command::new(bin("wardgate-bench")?);
     c.args([
@@ -76,9 +81,7 @@ pub fn run_demo() -> anyhow::Result<()> {
         "--listen",
         &format!("127.0.0.1:{http_port}"),
     ]);
-    let _resource = Proc::spawn(c, &w.logs, "resource")?;
-
-    step("Gateway gw-ehr joins with a single-use token and runs in userspace mode (no root)");
+    let resource = Proc::spawn(c, &w.logs, "resource")?;
     let gw_port = free_port();
     let token = w.join_token("gw-ehr", "10.10.0.0/16", "10m")?;
     let gw_dir = w.dir.path().join("gateway");
@@ -93,7 +96,6 @@ pub fn run_demo() -> anyhow::Result<()> {
     if !r.ok {
         bail!("gateway join failed: {}", r.stderr);
     }
-    say(r.stdout.trim());
     let mut cmd = Command::new(bin("wardgate-gateway")?);
     cmd.env("RUST_LOG", "info")
         .arg("--state-dir")
@@ -116,9 +118,6 @@ pub fn run_demo() -> anyhow::Result<()> {
             .filter(|s| s.contains("grants resynced"))
             .map(|_| ())
     })?;
-    say("gateway connected and resynced its grants (none yet: deny by default)");
-
-    step("Resources and policies");
     let d = w.dir.path().to_path_buf();
     let f = write_json(
         &d,
@@ -147,20 +146,44 @@ pub fn run_demo() -> anyhow::Result<()> {
             &format!("{name}.json"),
             serde_json::json!({
             "name": name, "groups": [group], "resources": [res],
-            "conditions": {"mfa_required": false, "max_grant": "20s", "session_lifetime": "8h"}}),
+            "conditions": {"mfa_required": false, "max_grant": max_grant, "session_lifetime": "8h"}}),
         )?;
         w.admin_json(&["policy", "put", "--file", &f], None)?;
     }
-    say("ehr-web (10.10.1.10 tcp/443, phi) for clinicians; ehr-db (10.10.1.11 tcp/5432) for dba;");
-    say("grants last at most 20 s (compressed) and renew themselves with a fresh key");
-
-    step("amara enrols her laptop (device key made on the laptop, CSR signed by the controller)");
-    let cfg = w.dir.path().join("amara-laptop");
-    let r = w.enrol(&cfg, "amara", PASSWORD, "0s")?;
+    let client = w.dir.path().join("amara-laptop");
+    let r = w.enrol(&client, "amara", PASSWORD, "0s")?;
     if !r.ok {
         bail!("enrolment failed: {}", r.stderr);
     }
-    say(r.stdout.trim());
+    Ok(Site {
+        w,
+        gateway,
+        resource,
+        client,
+    })
+}
+
+/// Plays the demo; returns an error (and a non-zero exit) if any story does not hold.
+pub fn run_demo() -> anyhow::Result<()> {
+    let started = Instant::now();
+    step(
+        "Setting up: controller (SQLite), users and groups, a sample EHR, gateway gw-ehr, policies, amara's laptop",
+    );
+    let site = site("20s")?;
+    let w = &site.w;
+    let cfg = site.client.clone();
+    say(&format!(
+        "controller: QUIC {} · admin API https://{}",
+        w.quic, w.admin
+    ));
+    say("users amara (clinicians) and pat; groups clinicians, dba");
+    say("a sample EHR web server on loopback, published to clients as 10.10.1.10:443");
+    say(
+        "gateway gw-ehr joined with a single-use token; runs in userspace mode (no root) and resynced its grants",
+    );
+    say("ehr-web (10.10.1.10 tcp/443, phi) for clinicians; ehr-db (10.10.1.11 tcp/5432) for dba;");
+    say("grants last at most 20 s (compressed) and renew themselves with a fresh key");
+    say("amara enrolled her laptop (device key made on the laptop, CSR signed by the controller)");
 
     step("S1: amara runs `wardgate connect ehr-web --mode userspace --forward PORT`");
     let local = free_port();

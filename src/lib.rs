@@ -3,6 +3,7 @@
 //! the harness that runs the real binaries, throwaway network namespaces, and the test-network
 //! endpoints (`wardgate-bench node …`).
 
+pub mod access_bench;
 pub mod attack;
 pub mod bench;
 pub mod build;
@@ -11,3 +12,4 @@ pub mod dpnet;
 pub mod harness;
 pub mod netns;
 pub mod node;
+pub mod policy_fixture;

@@ -34,6 +34,19 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         peers: u32,
     },
+    /// Access latency and throughput with the real binaries on loopback (no root); prints one
+    /// JSON object.
+    Access {
+        /// Print JSON (the only format; accepted for the documented command line).
+        #[arg(long)]
+        json: bool,
+        /// Connect runs.
+        #[arg(long, default_value_t = 100)]
+        connects: usize,
+        /// Revoke runs.
+        #[arg(long, default_value_t = 30)]
+        revokes: usize,
+    },
     /// A test-network endpoint (used by end-to-end tests and benches).
     #[command(subcommand)]
     Node(NodeCmd),
@@ -181,6 +194,18 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             let report =
                 tokio::task::spawn_blocking(move || wardgate::bench::dataplane(&opts)).await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Cmd::Access {
+            json: _,
+            connects,
+            revokes,
+        } => {
+            wardgate::build::build_siblings()?;
+            let report = tokio::task::spawn_blocking(move || {
+                wardgate::access_bench::access(connects, revokes)
+            })
+            .await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Cmd::Node(n) => match n {
