@@ -61,6 +61,8 @@ pub struct Site {
     pub resource: Proc,
     /// amara's laptop's config directory.
     pub client: std::path::PathBuf,
+    /// The gateway's local control socket (counters: `wardgate-gateway stats --socket`).
+    pub socket: std::path::PathBuf,
 }
 
 /// Sets up a [`Site`] whose grants last at most `max_grant` (e.g. `"20s"`).
@@ -96,6 +98,7 @@ pub fn site(max_grant: &str) -> anyhow::Result<Site> {
     if !r.ok {
         bail!("gateway join failed: {}", r.stderr);
     }
+    let socket = gw_dir.join("gateway.sock");
     let mut cmd = Command::new(bin("wardgate-gateway")?);
     cmd.env("RUST_LOG", "info")
         .arg("--state-dir")
@@ -110,6 +113,8 @@ pub fn site(max_grant: &str) -> anyhow::Result<Site> {
             "userspace",
         ])
         .args(["--listen", &format!("127.0.0.1:{gw_port}")])
+        .arg("--socket")
+        .arg(&socket)
         .args(["--map", &format!("10.10.1.10:443=127.0.0.1:{http_port}")]);
     let gateway = Proc::spawn(cmd, &w.logs, "gateway")?;
     wait_for(Duration::from_secs(20), "the gateway to connect", || {
@@ -160,6 +165,7 @@ pub fn site(max_grant: &str) -> anyhow::Result<Site> {
         gateway,
         resource,
         client,
+        socket,
     })
 }
 

@@ -7,132 +7,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use wardgate::harness::{Proc, World, bin, free_port, wait_for};
+use wardgate::demo::Site;
+use wardgate::harness::{Proc, bin, free_port, wait_for};
 
-const PASSWORD: &str = "correct horse battery staple";
-
-struct Site {
-    w: World,
-    _gateway: Proc,
-    _resource: Proc,
-    socket: std::path::PathBuf,
-}
-
-fn write_json(dir: &Path, name: &str, v: serde_json::Value) -> String {
-    let p = dir.join(name);
-    std::fs::write(&p, v.to_string()).expect("write");
-    p.display().to_string()
-}
-
+/// The shared site (the demo's): controller, gateway, sample EHR, policies, amara enrolled.
 fn site() -> Site {
-    let w = World::start(None, "info").expect("world");
-    for u in ["amara", "ben"] {
-        w.create_user(u, PASSWORD).expect("user");
-    }
-    for g in ["clinicians", "dba"] {
-        w.admin_json(&["group", "create", g], None).expect("group");
-    }
-    w.admin_json(&["group", "add-member", "clinicians", "amara"], None)
-        .expect("member");
-    // The resource, listening on loopback; published to clients as 10.10.1.10:443.
-    let http_port = free_port();
-    let mut c = std::process::Command::new(bin("wardgate-bench").expect("bin"));
-    c.args([
-        "node",
-        "http",
-        "--listen",
-        &format!("127.0.0.1:{http_port}"),
-    ]);
-    let resource = Proc::spawn(c, &w.logs, "resource").expect("resource");
-    // The gateway.
-    let gw_port = free_port();
-    let token = w
-        .join_token("gw-ehr", "10.10.0.0/16", "10m")
-        .expect("token");
-    let gw_dir = w.dir.path().join("gateway");
-    let mut cmd = std::process::Command::new(bin("wardgate-gateway").expect("bin"));
-    cmd.env("WARDGATE_JOIN_TOKEN", &token)
-        .arg("--state-dir")
-        .arg(&gw_dir)
-        .args(["join", "--controller", &w.quic.to_string(), "--ca"])
-        .arg(w.ca())
-        .args(["--endpoint", &format!("127.0.0.1:{gw_port}")]);
-    let r = wardgate::harness::run(cmd, None, &w.logs.join("gw-join.err")).expect("join");
-    assert!(r.ok, "{}", r.stderr);
-    let socket = gw_dir.join("gateway.sock");
-    let mut cmd = std::process::Command::new(bin("wardgate-gateway").expect("bin"));
-    cmd.env("RUST_LOG", "info")
-        .arg("--state-dir")
-        .arg(&gw_dir)
-        .args([
-            "run",
-            "--heartbeat",
-            "500ms",
-            "--max-backoff",
-            "1s",
-            "--mode",
-            "userspace",
-        ])
-        .args(["--listen", &format!("127.0.0.1:{gw_port}"), "--socket"])
-        .arg(&socket)
-        .args(["--map", &format!("10.10.1.10:443=127.0.0.1:{http_port}")]);
-    let gateway = Proc::spawn(cmd, &w.logs, "gateway").expect("gateway");
-    wait_for(
-        Duration::from_secs(20),
-        "the gateway to connect and resync",
-        || {
-            std::fs::read_to_string(&gateway.stderr)
-                .ok()
-                .filter(|s| s.contains("grants resynced"))
-                .map(|_| ())
-        },
-    )
-    .expect("gateway online");
-    let d = w.dir.path().to_path_buf();
-    let f = write_json(
-        &d,
-        "ehr-web.json",
-        serde_json::json!({
-        "name": "ehr-web", "addresses": ["10.10.1.10/32"],
-        "rules": [{"dst": "10.10.1.10/32", "proto": "tcp", "ports": "443"}],
-        "gateways": ["gw-ehr"], "labels": ["phi"]}),
-    );
-    w.admin_json(&["resource", "put", "--file", &f], None)
-        .expect("resource ehr-web");
-    let f = write_json(
-        &d,
-        "ehr-db.json",
-        serde_json::json!({
-        "name": "ehr-db", "addresses": ["10.10.1.11/32"],
-        "rules": [{"dst": "10.10.1.11/32", "proto": "tcp", "ports": "5432"}],
-        "gateways": ["gw-ehr"], "labels": ["phi"]}),
-    );
-    w.admin_json(&["resource", "put", "--file", &f], None)
-        .expect("resource ehr-db");
-    let f = write_json(
-        &d,
-        "p1.json",
-        serde_json::json!({
-        "name": "clinicians-ehr", "groups": ["clinicians"], "resources": ["ehr-web"],
-        "conditions": {"mfa_required": false, "max_grant": "1h", "session_lifetime": "8h"}}),
-    );
-    w.admin_json(&["policy", "put", "--file", &f], None)
-        .expect("policy");
-    let f = write_json(
-        &d,
-        "p2.json",
-        serde_json::json!({
-        "name": "dba-db", "groups": ["dba"], "resources": ["ehr-db"],
-        "conditions": {"mfa_required": false, "max_grant": "1h", "session_lifetime": "8h"}}),
-    );
-    w.admin_json(&["policy", "put", "--file", &f], None)
-        .expect("policy 2");
-    Site {
-        w,
-        _gateway: gateway,
-        _resource: resource,
-        socket,
-    }
+    wardgate::demo::site("1h").expect("site")
 }
 
 fn connect(s: &Site, cfg: &Path, resource: &str, local: u16) -> Proc {
@@ -162,8 +42,7 @@ fn gateway_grants(s: &Site) -> Vec<serde_json::Value> {
 #[test]
 fn s1_s2_s7_connect_deny_and_stolen_laptop() {
     let s = site();
-    let cfg = s.w.dir.path().join("amara-laptop");
-    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+    let cfg = s.client.clone();
 
     // S1: amara reaches ehr-web through her grant.
     let local = free_port();
@@ -271,8 +150,7 @@ fn s1_s2_s7_connect_deny_and_stolen_laptop() {
 #[test]
 fn policy_change_and_user_disable_end_grants_and_say_why() {
     let s = site();
-    let cfg = s.w.dir.path().join("amara-laptop");
-    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+    let cfg = s.client.clone();
     let local = free_port();
     let mut conn = connect(&s, &cfg, "ehr-web", local);
     wait_for(Duration::from_secs(20), "the grant at the gateway", || {
@@ -334,8 +212,7 @@ fn audit_cmd(s: &Site, args: &[&str]) -> wardgate::harness::Ran {
 #[test]
 fn s9_auditor_exports_and_verifies_and_an_edited_row_is_named() {
     let s = site();
-    let cfg = s.w.dir.path().join("amara-laptop");
-    assert!(s.w.enrol(&cfg, "amara", PASSWORD, "0s").expect("enrol").ok);
+    let cfg = s.client.clone();
     let mut cmd = s.w.client_cmd(&cfg).expect("cmd");
     cmd.args([
         "connect",
