@@ -28,7 +28,7 @@ use wardgate_common::unix_ms;
 
 use crate::policy::{AccessRequest, CompiledPolicies, Decision, Facts, PolicySet, Session};
 use crate::service::Controller;
-use crate::store::{DocKind, Grant, GrantStatus, NewGrant, StoreError};
+use crate::store::{DocKind, Grant, GrantStatus, NewAuditEvent, NewGrant, StoreError};
 
 /// The pool device tunnel addresses come from; the first host is the gateways' own.
 pub const TUNNEL_POOL: &str = "100.64.0.0/10";
@@ -318,33 +318,43 @@ impl Controller {
             expires_ms: expires_at.as_millisecond(),
             renewed_from: renews.and_then(Grant::id_from_wire),
         };
-        // Decision and intent first: no grant row may exist without its audit row.
-        self.audit(
-            &actor,
-            "access.decide",
-            resource,
-            "allow",
-            json!({"device": device_id, "policy": policy.to_string(), "expires_ms": new.expires_ms, "facts": facts}),
-        )
-        .await
-        .map_err(internal)?;
-        let grant = self.store.insert_grant(&new).await.map_err(|e| match e {
-            StoreError::Conflict { .. } => WireError::new(
-                ErrorCode::BadRequest,
-                "this WireGuard key was used before; make a fresh one",
-            ),
-            other => internal(other),
-        })?;
-        self.audit(
-            &actor,
-            "grant.issue",
-            &grant.id.to_string(),
-            "ok",
-            json!({"device": device_id, "resource": resource, "policy": grant.policy, "tunnel_addr": grant.tunnel_addr,
-                   "expires_ms": grant.expires_ms, "gateways": grant.gateway_ids, "renews": renews}),
-        )
-        .await
-        .map_err(internal)?;
+        // The decision, the grant and its issue event commit together: no grant row ever
+        // exists without its audit rows, and a crash before the commit leaves neither (and,
+        // since nothing is pushed before the commit, no peer at any gateway either).
+        let at_ms = now_ms();
+        let decide_event = NewAuditEvent {
+            at_ms,
+            actor: actor.clone(),
+            action: "access.decide".into(),
+            target: resource.to_owned(),
+            outcome: "allow".into(),
+            detail: json!({"device": device_id, "policy": policy.to_string(), "expires_ms": new.expires_ms, "facts": facts}),
+        };
+        let issue_detail = json!({"device": device_id, "resource": resource, "policy": new.policy, "tunnel_addr": new.tunnel_addr,
+                   "expires_ms": new.expires_ms, "gateways": new.gateway_ids, "renews": renews});
+        let grant = self
+            .store
+            .insert_grant_audited(&new, |id| {
+                vec![
+                    decide_event.clone(),
+                    NewAuditEvent {
+                        at_ms,
+                        actor: actor.clone(),
+                        action: "grant.issue".into(),
+                        target: id.to_string(),
+                        outcome: "ok".into(),
+                        detail: issue_detail.clone(),
+                    },
+                ]
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict { .. } => WireError::new(
+                    ErrorCode::BadRequest,
+                    "this WireGuard key was used before; make a fresh one",
+                ),
+                other => internal(other),
+            })?;
         let label = format!("{}@{} → {}", user.username, device_id, resource);
         let gw_grant = to_gateway_grant(&grant, label)?;
         // Push to every gateway at once; all must confirm.
@@ -371,26 +381,33 @@ impl Controller {
             }
         }
         if let Some(why) = failure {
-            for id in &pushed {
-                if let Some(l) = self.registry.link(&format!("gateway:{id}")) {
-                    let _ = l
-                        .push(
-                            Push::RemoveGrant {
-                                grant_id: grant.wire_id(),
-                                reason: "issuance rolled back".into(),
-                            },
-                            ACK_TIMEOUT,
-                        )
-                        .await;
-                }
+            // Take the peer back from every gateway, also the one that failed: its ack may
+            // have been lost after it installed the peer. The grant is ended, not deleted, so
+            // a gateway that misses this removal drops the peer at its next resync.
+            let mut set = tokio::task::JoinSet::new();
+            for g in &gateways {
+                let link = self.registry.link(&format!("gateway:{}", g.id));
+                let push = Push::RemoveGrant {
+                    grant_id: grant.wire_id(),
+                    reason: "issuance rolled back".into(),
+                };
+                set.spawn(async move {
+                    if let Some(l) = link {
+                        let _ = l.push(push, ACK_TIMEOUT).await;
+                    }
+                });
             }
-            self.store.delete_grant(grant.id).await.map_err(internal)?;
+            while set.join_next().await.is_some() {}
+            self.store
+                .end_grant(grant.id, "issuance rolled back", now_ms())
+                .await
+                .map_err(internal)?;
             self.audit(
                 &actor,
                 "grant.rollback",
                 &grant.id.to_string(),
                 "error",
-                json!({"reason": why}),
+                json!({"reason": why, "pushed_to": pushed}),
             )
             .await
             .map_err(internal)?;

@@ -1809,6 +1809,102 @@ async fn grants_lifecycle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_and_its_audit_events_commit_together() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        store
+            .insert_device(&device("dev_1", "usr_1"))
+            .await
+            .unwrap();
+        store
+            .insert_gateway(&gateway("gw_1", "alpha", "fp-a"))
+            .await
+            .unwrap();
+        let before = store.list_audit(None, None).await.unwrap().len();
+        let events = |id: i64| {
+            vec![event(1), {
+                let mut e = event(2);
+                e.target = id.to_string();
+                e
+            }]
+        };
+        let g = store
+            .insert_grant_audited(
+                &new_grant("dev_1", "usr_1", "k1", &["gw_1"], 10_000),
+                events,
+            )
+            .await
+            .unwrap();
+        let log = store.list_audit(None, None).await.unwrap();
+        assert_eq!(log.len(), before + 2);
+        assert_eq!(
+            log[log.len() - 1].target,
+            g.id.to_string(),
+            "the event names the grant"
+        );
+        assert_chain(&log);
+
+        // A refused grant (its key was used before) leaves no audit event behind either.
+        let err = store
+            .insert_grant_audited(
+                &new_grant("dev_1", "usr_1", "k1", &["gw_1"], 10_000),
+                events,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+        // An unknown gateway: refused with its name, nothing written.
+        let err = store
+            .insert_grant_audited(
+                &new_grant("dev_1", "usr_1", "k2", &["gw_9"], 10_000),
+                events,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+        assert_eq!(
+            store.list_audit(None, None).await.unwrap().len(),
+            before + 2
+        );
+        assert_eq!(store.active_grants(5_000).await.unwrap().len(), 1);
+
+        // Many at once from one store: one chain, every grant with its events.
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let store = store.clone();
+            set.spawn(async move {
+                store
+                    .insert_grant_audited(
+                        &new_grant("dev_1", "usr_1", &format!("c{i}"), &["gw_1"], 10_000),
+                        |id| {
+                            let mut e = event(3);
+                            e.target = id.to_string();
+                            vec![e]
+                        },
+                    )
+                    .await
+                    .unwrap()
+            });
+        }
+        let mut grant_ids = Vec::new();
+        while let Some(g) = set.join_next().await {
+            grant_ids.push(g.unwrap().id.to_string());
+        }
+        let log = store.list_audit(None, None).await.unwrap();
+        assert_chain(&log);
+        for id in &grant_ids {
+            assert!(
+                log.iter().any(|e| &e.target == id),
+                "grant {id} has its event"
+            );
+        }
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enders_report_each_grant_once() {
     on_both(|t| async move {
         let store = t.open().await;

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{Backend, Store, StoreError, is_unique_violation};
+use super::{Backend, Store, StoreError, WriteTx, is_unique_violation};
 
 /// `prev_hash` of the first event: 64 zeros.
 pub const AUDIT_GENESIS_HASH: &str =
@@ -269,72 +269,23 @@ impl Store {
     /// event and inserts `seq = last + 1`. `seq` is the primary key, so should the lock ever
     /// fail to hold, the loser gets `Conflict` rather than a second branch.
     pub async fn append_audit(&self, e: &NewAuditEvent) -> Result<AuditEvent, StoreError> {
-        let detail = e.detail.to_string();
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
-                    .bind(AUDIT_LOCK_KEY)
-                    .execute(&mut *tx)
-                    .await?;
-                tx
-            }
-        };
-
-        let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *tx)
-            .await?;
-        let (last_seq, prev_hash) = match last {
-            Some(row) => (
-                row.try_get::<i64, _>("seq")?,
-                row.try_get::<String, _>("hash")?,
-            ),
-            None => (0, AUDIT_GENESIS_HASH.to_owned()),
-        };
-        let seq = last_seq.checked_add(1).ok_or_else(|| StoreError::Corrupt {
-            what: format!("last audit seq {last_seq} (no successor)"),
-        })?;
-        let hash = audit_hash(&prev_hash, seq, e);
-
-        let inserted = sqlx::query(
-            "INSERT INTO audit_log \
-             (seq, at_ms, actor, action, target, outcome, detail, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(seq)
-        .bind(e.at_ms)
-        .bind(e.actor.as_str())
-        .bind(e.action.as_str())
-        .bind(e.target.as_str())
-        .bind(e.outcome.as_str())
-        .bind(detail.as_str())
-        .bind(prev_hash.as_str())
-        .bind(hash.as_str())
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(err) if is_unique_violation(&err) => {
-                return Err(StoreError::Conflict {
-                    what: format!("audit event {seq} was written concurrently; append again"),
-                });
-            }
-            Err(err) => return Err(err.into()),
-        }
+        let mut tx = self.begin_audit_tx().await?;
+        let stored = append_in(&mut tx, e).await?;
         tx.commit().await?;
+        Ok(stored)
+    }
 
-        Ok(AuditEvent {
-            seq,
-            at_ms: e.at_ms,
-            actor: e.actor.clone(),
-            action: e.action.clone(),
-            target: e.target.clone(),
-            outcome: e.outcome.clone(),
-            detail: e.detail.clone(),
-            prev_hash,
-            hash,
-        })
+    /// A write transaction that holds the audit lock until commit (see
+    /// [`Store::append_audit`]), so other writes can be made atomic with their audit events.
+    pub(super) async fn begin_audit_tx(&self) -> Result<WriteTx, StoreError> {
+        let mut tx = self.begin_write().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
+                .bind(AUDIT_LOCK_KEY)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
     }
 
     /// Events in chain order (`seq` ascending): those at or after `since_ms` if given, at
@@ -472,4 +423,63 @@ impl Store {
             last_hash: prev_hash,
         })
     }
+}
+
+/// Appends `e` as the next event inside `tx`, which must hold the audit lock
+/// ([`Store::begin_audit_tx`]).
+pub(super) async fn append_in(
+    tx: &mut WriteTx,
+    e: &NewAuditEvent,
+) -> Result<AuditEvent, StoreError> {
+    let detail = e.detail.to_string();
+    let last = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut **tx)
+        .await?;
+    let (last_seq, prev_hash) = match last {
+        Some(row) => (
+            row.try_get::<i64, _>("seq")?,
+            row.try_get::<String, _>("hash")?,
+        ),
+        None => (0, AUDIT_GENESIS_HASH.to_owned()),
+    };
+    let seq = last_seq.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+        what: format!("last audit seq {last_seq} (no successor)"),
+    })?;
+    let hash = audit_hash(&prev_hash, seq, e);
+    let inserted = sqlx::query(
+        "INSERT INTO audit_log \
+         (seq, at_ms, actor, action, target, outcome, detail, prev_hash, hash) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(seq)
+    .bind(e.at_ms)
+    .bind(e.actor.as_str())
+    .bind(e.action.as_str())
+    .bind(e.target.as_str())
+    .bind(e.outcome.as_str())
+    .bind(detail.as_str())
+    .bind(prev_hash.as_str())
+    .bind(hash.as_str())
+    .execute(&mut **tx)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(err) if is_unique_violation(&err) => {
+            return Err(StoreError::Conflict {
+                what: format!("audit event {seq} was written concurrently; append again"),
+            });
+        }
+        Err(err) => return Err(err.into()),
+    }
+    Ok(AuditEvent {
+        seq,
+        at_ms: e.at_ms,
+        actor: e.actor.clone(),
+        action: e.action.clone(),
+        target: e.target.clone(),
+        outcome: e.outcome.clone(),
+        detail: e.detail.clone(),
+        prev_hash,
+        hash,
+    })
 }

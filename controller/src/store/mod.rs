@@ -108,6 +108,38 @@ impl std::fmt::Display for Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Serializes this process's SQLite write transactions before they ask SQLite for its
+    /// write lock: SQLite makes a blocked writer poll with growing sleeps (1, 2, 5, 10 ms …),
+    /// so concurrent grants contending inside the database ran at a few hundred per second;
+    /// queued here they go back to back.
+    sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction, holding this process's SQLite writer slot (if any) until it commits
+/// or is dropped. Derefs to the connection, so queries run with `.execute(&mut *tx)`.
+pub(crate) struct WriteTx {
+    tx: Transaction<'static, Any>,
+    _slot: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    /// Commits, then frees the writer slot.
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
 }
 
 impl Store {
@@ -165,7 +197,11 @@ impl Store {
             }
         }
         tracing::debug!(backend = %backend, "store opened");
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            sqlite_writer: Default::default(),
+        })
     }
 
     /// Which engine this store talks to.
@@ -205,12 +241,20 @@ impl Store {
     /// (`BEGIN IMMEDIATE`): a deferred transaction that reads first and writes later can fail
     /// with "database is locked" when another writer got in between, and the busy timeout does
     /// not help there. On PostgreSQL row locks do that job.
-    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(tx)
+    async fn begin_write(&self) -> Result<WriteTx, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => {
+                let slot = self.sqlite_writer.clone().lock_owned().await;
+                WriteTx {
+                    tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+                    _slot: Some(slot),
+                }
+            }
+            Backend::Postgres => WriteTx {
+                tx: self.pool.begin().await?,
+                _slot: None,
+            },
+        })
     }
 
     /// After a unique-constraint violation on `table`, finds which of the `(column, value)`
