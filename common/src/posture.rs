@@ -165,7 +165,10 @@ mod tests {
     #[test]
     fn report_round_trips_with_fact_keys() {
         let mut detail = BTreeMap::new();
-        detail.insert(Fact::Firewall, "nftables: inet filter input policy drop".to_owned());
+        detail.insert(
+            Fact::Firewall,
+            "nftables: inet filter input policy drop".to_owned(),
+        );
         let r = PostureReport {
             os: "debian".into(),
             os_version: Some("12".into()),
