@@ -496,7 +496,7 @@ fn firewall(host: &Host<'_>) -> Finding<Tri> {
     match (nft, ipt) {
         (_, Ok(f)) if f.value == Tri::Yes => f,
         (Ok(n), Ok(i)) => Finding::new(Tri::No, format!("{}; {}", n.detail, i.detail)),
-        (Ok(n), Err(_)) => n,
+        (Ok(n), Err(i)) => Finding::new(n.value, format!("{}; {i}", n.detail)),
         (Err(n), Ok(i)) => Finding::new(Tri::No, format!("{}; {n}", i.detail)),
         (Err(n), Err(i)) => Finding::unknown(format!("{n}; {i}")),
     }

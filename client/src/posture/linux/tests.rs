@@ -407,7 +407,10 @@ fn firewall_accept_policy_is_not_active() {
 fn firewall_empty_ruleset_is_not_active() {
     let f = fw(&Fake::default().ok(NFT, &ruleset(&[])));
     assert_eq!(f.value, Tri::No, "{}", f.detail);
-    assert_eq!(f.detail, "nftables ruleset is empty");
+    assert_eq!(
+        f.detail,
+        "nftables ruleset is empty; iptables-save is not installed"
+    );
     // A table with no input chain (say, only NAT) filters nothing either.
     let f = fw(&Fake::default().ok(NFT, &ruleset(&[TABLE])));
     assert_eq!(f.value, Tri::No, "{}", f.detail);
