@@ -8,10 +8,12 @@
 //! * [`login`]: how a user proves who they are (local users now; OIDC joins here).
 //! * [`enrol`]: device enrolment, including waiting for an administrator's approval.
 //! * [`status`]: what `wardgate status` reports.
+//! * [`posture`]: what the device shows about itself (`wardgate posture`).
 
 pub mod connect;
 pub mod datapath;
 pub mod enrol;
 pub mod login;
+pub mod posture;
 pub mod state;
 pub mod status;

@@ -74,6 +74,14 @@ enum Cmd {
     },
     /// Ends the running `connect` (the controller ends its grant at once).
     Disconnect,
+    /// Shows what this device reports about itself (OS, disk encryption, firewall, screen lock,
+    /// required processes) with the evidence for each fact; `--json` prints the report exactly
+    /// as it would be sent.
+    Posture {
+        /// A process a posture profile requires (e.g. an EDR agent); repeatable.
+        #[arg(long = "require-process", value_name = "NAME")]
+        require_process: Vec<String>,
+    },
     /// Makes a WireGuard key pair: private key to FILE (0600), public key to stdout.
     Genkey {
         /// Where to write the private key.
@@ -245,6 +253,22 @@ async fn real_main() -> anyhow::Result<()> {
             }
             None => println!("Not connected."),
         },
+        Cmd::Posture { require_process } => {
+            use wardgate_client::posture;
+            let runner = posture::SystemRunner::default();
+            let collector = posture::platform(posture::Host::system(&runner));
+            let opts = posture::Options {
+                required_processes: require_process,
+                device_cert: Some(dir.cert()),
+                counter: posture::next_counter(&dir)?,
+            };
+            let report = posture::report(collector.as_ref(), &opts);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", posture::render_table(&report));
+            }
+        }
         Cmd::Genkey { out } => {
             let k = wardgate_common::keys::generate_private();
             wardgate_common::files::write_secret(

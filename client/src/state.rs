@@ -94,6 +94,11 @@ impl ConfigDir {
         self.root.join("enrol-poll.token")
     }
 
+    /// The last posture report counter sent (see `posture::record_sent`).
+    pub fn posture_counter(&self) -> PathBuf {
+        self.root.join("posture-counter")
+    }
+
     /// The enrolment record, if any.
     pub fn load(&self) -> Result<Option<DeviceRecord>, StateError> {
         let p = self.record();

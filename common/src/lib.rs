@@ -13,6 +13,7 @@ pub mod keys;
 pub mod netstack;
 pub mod packet;
 pub mod pki;
+pub mod posture;
 pub mod proto;
 pub mod rule;
 pub mod signal;
