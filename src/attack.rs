@@ -70,19 +70,20 @@ pub fn tcp_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> 
     ip
 }
 
-/// Sends `count` TCP SYNs from `src` to `dst` through the grant's tunnel, then listens for
-/// `listen` and reports. `src` may differ from the grant's tunnel address (spoofing).
+/// Sends `count` TCP SYNs from `src` to each of `dsts` (a port scan when there are many)
+/// through the grant's tunnel, then listens for `listen` and reports. `src` may differ from
+/// the grant's tunnel address (spoofing).
 pub async fn syn_attack(
     grant: &ClientGrant,
     key: StaticSecret,
     src: Ipv4Addr,
-    dst: SocketAddr,
+    dsts: &[SocketAddr],
     count: u32,
     listen: Duration,
 ) -> anyhow::Result<AttackReport> {
-    let IpAddr::V4(dst_ip) = dst.ip() else {
+    if dsts.iter().any(|d| !d.is_ipv4()) {
         bail!("IPv4 targets only")
-    };
+    }
     let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
     let mut engine = Engine::new(EngineConfig::default(), Instant::now());
     let psk = keys::decode_key(grant.preshared_key.expose())?;
@@ -99,59 +100,111 @@ pub async fn syn_attack(
             Instant::now(),
         )
         .context("add peer")?;
-    let mut report = AttackReport {
-        sent: 0,
-        replies: 0,
-        handshake: false,
-    };
     // A random source-port base, so answers to an earlier run (SYN-ACK retransmissions) are
     // not mistaken for answers to this one.
     let base: u16 = 20000 + rand::random::<u16>() % 20000;
-    for i in 0..count {
-        let p = tcp_syn(src, base + (i % 1000) as u16, dst_ip, dst.port());
-        let _ = engine.handle_ip_packet(PeerId(1), &p, Instant::now());
-        report.sent += 1;
-    }
-    let mut buf = vec![0u8; 65536];
-    let mut out = vec![0u8; MAX_DATAGRAM_LEN];
-    let deadline = tokio::time::Instant::now() + listen;
-    loop {
-        while let Some(t) = engine.poll_transmit(1) {
-            let _ = socket.send_to(t.contents, t.dst).await;
+    let mut packets = Vec::new();
+    for dst in dsts {
+        if let IpAddr::V4(dst_ip) = dst.ip() {
+            for i in 0..count {
+                packets.push(tcp_syn(src, base + (i % 1000) as u16, dst_ip, dst.port()));
+            }
         }
-        let wait = engine
-            .poll_timeout()
-            .map(|d| tokio::time::Instant::from_std(d).min(deadline))
-            .unwrap_or(deadline);
-        tokio::select! {
-            r = socket.recv_from(&mut buf) => {
-                let (n, from) = r?;
-                match engine.handle_datagram(from, &buf[..n], &mut out, Instant::now()) {
-                    Ok(Received::Packet { packet, .. }) => {
-                        report.handshake = true;
-                        // Count only answers to this run's SYNs: from the target, to our ports.
-                        if let Ok(Packet { src: from_ip, dst: to_ip, transport: Transport::Tcp { src_port, dst_port, .. }, .. }) = Packet::parse(packet)
-                            && from_ip == dst.ip()
-                            && src_port == dst.port()
-                            && to_ip == IpAddr::V4(src)
-                            && (base..base.saturating_add(1000)).contains(&dst_port)
-                        {
-                            report.replies += 1;
+    }
+    let mut pump = Pump {
+        engine,
+        socket,
+        report: AttackReport {
+            sent: 0,
+            replies: 0,
+            handshake: false,
+        },
+        dsts,
+        src,
+        base,
+    };
+    // The first packet starts the handshake; the rest go once it is done, so a long scan is
+    // not cut short by the queue a peer keeps while it has no session.
+    let mut rest = packets.into_iter();
+    if let Some(p) = rest.next() {
+        let _ = pump.engine.handle_ip_packet(PeerId(1), &p, Instant::now());
+        pump.report.sent += 1;
+        pump.run(tokio::time::Instant::now() + Duration::from_secs(5), true)
+            .await?;
+    }
+    for p in rest {
+        let _ = pump.engine.handle_ip_packet(PeerId(1), &p, Instant::now());
+        pump.report.sent += 1;
+        pump.flush().await;
+    }
+    pump.run(tokio::time::Instant::now() + listen, false)
+        .await?;
+    Ok(pump.report)
+}
+
+/// The attacker's tunnel end: moves datagrams and counts answers.
+struct Pump<'a> {
+    engine: Engine,
+    socket: tokio::net::UdpSocket,
+    report: AttackReport,
+    dsts: &'a [SocketAddr],
+    src: Ipv4Addr,
+    base: u16,
+}
+
+impl Pump<'_> {
+    async fn flush(&mut self) {
+        while let Some(t) = self.engine.poll_transmit(1) {
+            let _ = self.socket.send_to(t.contents, t.dst).await;
+        }
+    }
+
+    /// Moves datagrams until `deadline` (or the handshake, when `until_handshake`).
+    async fn run(
+        &mut self,
+        deadline: tokio::time::Instant,
+        until_handshake: bool,
+    ) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 65536];
+        let mut out = vec![0u8; MAX_DATAGRAM_LEN];
+        loop {
+            self.flush().await;
+            if until_handshake && self.report.handshake {
+                return Ok(());
+            }
+            let wait = self
+                .engine
+                .poll_timeout()
+                .map(|d| tokio::time::Instant::from_std(d).min(deadline))
+                .unwrap_or(deadline);
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = r?;
+                    match self.engine.handle_datagram(from, &buf[..n], &mut out, Instant::now()) {
+                        Ok(Received::Packet { packet, .. }) => {
+                            self.report.handshake = true;
+                            // Count only answers to this run's SYNs: from a target, to our ports.
+                            if let Ok(Packet { src: from_ip, dst: to_ip, transport: Transport::Tcp { src_port, dst_port, .. }, .. }) = Packet::parse(packet)
+                                && self.dsts.iter().any(|d| d.ip() == from_ip && d.port() == src_port)
+                                && to_ip == IpAddr::V4(self.src)
+                                && (self.base..self.base.saturating_add(1000)).contains(&dst_port)
+                            {
+                                self.report.replies += 1;
+                            }
                         }
+                        Ok(Received::Control { .. }) => self.report.handshake = true,
+                        Err(_) => {}
                     }
-                    Ok(Received::Control { .. }) => report.handshake = true,
-                    Err(_) => {}
                 }
-            }
-            _ = tokio::time::sleep_until(wait) => {
-                engine.handle_timeout(Instant::now());
-                if tokio::time::Instant::now() >= deadline {
-                    break;
+                _ = tokio::time::sleep_until(wait) => {
+                    self.engine.handle_timeout(Instant::now());
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(());
+                    }
                 }
             }
         }
     }
-    Ok(report)
 }
 
 /// Sends `count` datagrams of random bytes and of truncated/oversize shapes to a WireGuard
@@ -181,4 +234,42 @@ pub async fn junk(to: SocketAddr, count: u32) -> anyhow::Result<u32> {
         }
     }
     Ok(sent)
+}
+
+/// Gets a real grant for `resource` with the enrolled device in `config` (its certificate, a
+/// key made here), writes the grant and the private key, prints `ready` and holds the control
+/// session until the process is killed, so the grant stays live while the test attacks with it.
+pub async fn rogue_grant(
+    config: &std::path::Path,
+    resource: &str,
+    grant_out: &std::path::Path,
+    key_out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use wardgate_common::proto::{Request, Response};
+    let dir = wardgate_client::state::ConfigDir::resolve(Some(config.to_path_buf()))?;
+    let rec = dir.load()?.context("the device is not enrolled")?;
+    let cfg = wardgate_client::enrol::client_config(&dir)?;
+    let mut session =
+        wardgate_common::transport::ControlClient::connect(&rec.controller, cfg, "rogue")
+            .await?
+            .into_session();
+    let key = keys::generate_private();
+    let answer = session
+        .request(Request::Connect {
+            resource: resource.to_owned(),
+            wg_public_key: keys::public_of(&key),
+            renews: None,
+        })
+        .await?;
+    let Response::Granted(grant) = answer else {
+        bail!("not granted: {answer:?}");
+    };
+    std::fs::write(grant_out, serde_json::to_vec(&grant)?)?;
+    wardgate_common::files::write_secret(key_out, keys::encode_key(&key.to_bytes()).as_bytes())?;
+    println!("ready {}", grant.grant_id);
+    loop {
+        if session.next_push().await.is_none() {
+            bail!("the controller closed the session");
+        }
+    }
 }

@@ -220,19 +220,60 @@ pub struct World {
     pub controller: Option<Proc>,
     /// `RUST_LOG` for every process.
     pub rust_log: String,
+    /// The network namespace the controller (and admin and audit CLIs) run in; `None` = host.
+    pub controller_ns: Option<String>,
+    /// The network namespace client commands run in; `None` = host.
+    pub client_ns: Option<String>,
+}
+
+/// `program` as a command, run inside network namespace `ns` when given (`ip netns exec`
+/// execs the program, so the child's pid is the program's).
+pub fn ns_command(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Where a [`World`]'s controller runs: on the host's loopback (the default), or inside
+/// network namespaces that the caller created.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The controller's namespace and the address (in it) clients and gateways reach it on.
+    pub controller: Option<(String, std::net::IpAddr)>,
+    /// The namespace client commands run in.
+    pub client_ns: Option<String>,
 }
 
 impl World {
     /// Initialises a controller (SQLite unless `database_url` is given) on fixed free ports,
     /// so a restart keeps its addresses, and starts it.
     pub fn start(database_url: Option<&str>, rust_log: &str) -> anyhow::Result<Self> {
+        Self::start_placed(database_url, rust_log, Placement::default())
+    }
+
+    /// Like [`World::start`], with the controller and clients placed in namespaces.
+    pub fn start_placed(
+        database_url: Option<&str>,
+        rust_log: &str,
+        placement: Placement,
+    ) -> anyhow::Result<Self> {
+        let controller_ns = placement.controller.as_ref().map(|(ns, _)| ns.clone());
+        let quic_ip = placement
+            .controller
+            .as_ref()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |(_, ip)| *ip);
         let dir = tempfile::Builder::new().prefix("wardgate-e2e").tempdir()?;
         let data_dir = dir.path().join("controller");
         let logs = dir.path().join("logs");
         std::fs::create_dir_all(&logs)?;
-        let quic: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let quic = SocketAddr::new(quic_ip, free_port());
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-        let mut cmd = Command::new(bin("wardgate-controller")?);
+        let mut cmd = ns_command(controller_ns.as_deref(), &bin("wardgate-controller")?);
         cmd.env("RUST_LOG", rust_log)
             .arg("--data-dir")
             .arg(&data_dir)
@@ -265,6 +306,8 @@ impl World {
             admin,
             controller: None,
             rust_log: rust_log.to_owned(),
+            controller_ns,
+            client_ns: placement.client_ns,
         };
         w.start_controller()?;
         Ok(w)
@@ -273,7 +316,7 @@ impl World {
     /// Starts (or restarts) `serve` and waits until the admin API answers.
     pub fn start_controller(&mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(self.data_dir.join("run").join("endpoints.json"));
-        let mut cmd = Command::new(bin("wardgate-controller")?);
+        let mut cmd = self.controller_cmd()?;
         cmd.env("RUST_LOG", &self.rust_log)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -304,7 +347,7 @@ impl World {
 
     /// `wardgate-controller admin ARGS` with the admin token in the environment.
     pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Ran> {
-        let mut cmd = Command::new(bin("wardgate-controller")?);
+        let mut cmd = self.controller_cmd()?;
         cmd.env("RUST_LOG", &self.rust_log)
             .env("WARDGATE_ADMIN_TOKEN", &self.admin_token)
             .arg("--data-dir")
@@ -356,6 +399,24 @@ impl World {
             .context("no token in answer")
     }
 
+    /// `wardgate-controller` in the controller's namespace (no arguments yet).
+    pub fn controller_cmd(&self) -> anyhow::Result<Command> {
+        Ok(ns_command(
+            self.controller_ns.as_deref(),
+            &bin("wardgate-controller")?,
+        ))
+    }
+
+    /// `wardgate-controller --data-dir … audit ARGS` (the auditor's tool, reading the store).
+    pub fn audit(&self, args: &[&str]) -> anyhow::Result<Ran> {
+        let mut cmd = self.controller_cmd()?;
+        cmd.arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("audit")
+            .args(args);
+        run(cmd, None, &self.logs.join("audit.err"))
+    }
+
     /// The CA certificate path.
     pub fn ca(&self) -> PathBuf {
         self.data_dir.join("ca.pem")
@@ -399,7 +460,7 @@ impl World {
 
     /// The `wardgate` client command for `config` with the test's log level.
     pub fn client_cmd(&self, config: &Path) -> anyhow::Result<Command> {
-        let mut cmd = Command::new(bin("wardgate")?);
+        let mut cmd = ns_command(self.client_ns.as_deref(), &bin("wardgate")?);
         cmd.env("RUST_LOG", &self.rust_log)
             .arg("--config-dir")
             .arg(config);

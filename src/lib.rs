@@ -11,5 +11,6 @@ pub mod demo;
 pub mod dpnet;
 pub mod harness;
 pub mod netns;
+pub mod netsite;
 pub mod node;
 pub mod policy_fixture;

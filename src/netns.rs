@@ -106,6 +106,10 @@ pub struct Topology {
     pub gateway_outer: Ipv4Addr,
     /// The client's address on that link.
     pub client_outer: Ipv4Addr,
+    /// The gateway's interface towards the resources.
+    pub gateway_inner_if: String,
+    /// The resources' interface.
+    pub resource_if: String,
 }
 
 /// A short unique id for names (interface names are limited to 15 characters).
@@ -188,6 +192,26 @@ impl Topology {
             resource,
             gateway_outer,
             client_outer,
+            gateway_inner_if: g_if2,
+            resource_if: r_if,
         })
+    }
+
+    /// Adds another resource network on the same link: the gateway gets `gateway_cidr`
+    /// (e.g. `10.20.5.1/24`), the resource namespace the `hosts` (e.g. `10.20.5.5/24`).
+    pub fn add_resource_network(&self, gateway_cidr: &str, hosts: &[&str]) -> anyhow::Result<()> {
+        self.gateway.exec(&[
+            "ip",
+            "addr",
+            "add",
+            gateway_cidr,
+            "dev",
+            &self.gateway_inner_if,
+        ])?;
+        for h in hosts {
+            self.resource
+                .exec(&["ip", "addr", "add", h, "dev", &self.resource_if])?;
+        }
+        Ok(())
     }
 }

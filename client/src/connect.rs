@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use wardgate_common::grant::ClientGrant;
-use wardgate_common::proto::{ErrorCode, Push, Request, Response};
+use wardgate_common::proto::{ErrorCode, Push, Request, Response, close};
 use wardgate_common::transport::{ClientError, ControlClient, ControlSession};
 use wardgate_common::{files, keys, unix_ms};
 
@@ -111,6 +111,54 @@ fn denial_file(dir: &ConfigDir) -> PathBuf {
     dir.root().join("last-denial.json")
 }
 
+/// What woke the connect loop.
+enum Event {
+    Stop,
+    Push(Option<(u64, Push)>),
+    Renew,
+}
+
+/// How dialling the controller again ended.
+enum Reconnected {
+    Session(ControlSession),
+    Stopped,
+    Expired,
+    Refused(ClientError),
+}
+
+/// Dials the controller with backoff (250 ms doubling to 5 s) until it answers, the grant
+/// expires, the user stops, or the controller refuses this device for good.
+async fn reconnect(
+    controller: &str,
+    cfg: &quinn::ClientConfig,
+    software: &str,
+    expires_at_ms: i64,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> Reconnected {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let left = u64::try_from(expires_at_ms - now_ms()).unwrap_or(0);
+        if left == 0 {
+            return Reconnected::Expired;
+        }
+        let attempt = tokio::select! {
+            r = ControlClient::connect(controller, cfg.clone(), software) => r,
+            _ = stop.as_mut() => return Reconnected::Stopped,
+        };
+        match attempt {
+            Ok(c) => return Reconnected::Session(c.into_session()),
+            Err(e) if e.wire().is_some() => return Reconnected::Refused(e),
+            Err(e) => debug!(error = %e, retry_in = ?delay, "controller still unreachable"),
+        }
+        let wait = delay.min(Duration::from_millis(left));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.as_mut() => return Reconnected::Stopped,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// The state of a running `connect`, if any.
 pub fn current(dir: &ConfigDir) -> Option<ConnectionState> {
     let bytes = std::fs::read(connection_file(dir)).ok()?;
@@ -193,10 +241,9 @@ pub async fn connect(
         })?;
     let cfg = enrol::client_config(dir)?;
     let software = format!("wardgate {}", wardgate_common::SOFTWARE_VERSION);
-    let session = ControlClient::connect(&rec.controller, cfg, &software)
+    let mut session = ControlClient::connect(&rec.controller, cfg.clone(), &software)
         .await?
         .into_session();
-    let mut session = session;
     let first = ask(&session, dir, &opts.resource, None).await?;
     let grant = first.grant.clone();
     let rules = grant.rules.clone();
@@ -263,39 +310,73 @@ pub async fn connect(
     let mut current = grant;
     let mut renew = renew_at(&current);
     let outcome = loop {
-        tokio::select! {
-            _ = &mut stop => {
-                let _ = session.request(Request::Disconnect { grant_id: current.grant_id }).await;
+        let event = tokio::select! {
+            _ = &mut stop => Event::Stop,
+            push = session.next_push() => Event::Push(push),
+            _ = tokio::time::sleep_until(renew) => Event::Renew,
+        };
+        match event {
+            Event::Stop => {
+                let _ = session
+                    .request(Request::Disconnect {
+                        grant_id: current.grant_id,
+                    })
+                    .await;
                 break Ok(());
             }
-            push = session.next_push() => match push {
-                Some((_, Push::GrantEnded { grant_id, reason })) if grant_id == current.grant_id => {
-                    break Err(ConnectError::Ended { resource: opts.resource.clone(), reason });
+            Event::Push(Some((_, Push::GrantEnded { grant_id, reason })))
+                if grant_id == current.grant_id =>
+            {
+                break Err(ConnectError::Ended {
+                    resource: opts.resource.clone(),
+                    reason,
+                });
+            }
+            Event::Push(Some(_)) => {}
+            Event::Push(None) => {
+                // The controller cut this device off on purpose (revoked, account disabled):
+                // say why and stop.
+                if let ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)) =
+                    session.error()
+                    && c.error_code != quinn::VarInt::from_u32(close::SHUTDOWN)
+                    && !c.reason.is_empty()
+                {
+                    break Err(ConnectError::Ended {
+                        resource: opts.resource.clone(),
+                        reason: String::from_utf8_lossy(&c.reason).into_owned(),
+                    });
                 }
-                Some(_) => {}
-                None => {
-                    // The controller closed the connection on purpose (device revoked, account
-                    // disabled): say why and stop.
-                    if let ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)) = session.error()
-                        && !c.reason.is_empty()
-                    {
+                // Lost the controller (restart, network): the tunnel stays up until the grant
+                // expires (the gateway enforces that either way) while we dial again; once
+                // back, renew at once so access rests on a fresh decision.
+                warn!(error = %session.error(), "lost the controller; reconnecting, the tunnel stays up until the grant expires");
+                state.renewal = "controller unreachable; reconnecting".into();
+                save(&state);
+                match reconnect(
+                    &rec.controller,
+                    &cfg,
+                    &software,
+                    current.expires_at_ms,
+                    &mut stop,
+                )
+                .await
+                {
+                    Reconnected::Session(s) => {
+                        info!("reconnected to the controller");
+                        session = s;
+                        renew = tokio::time::Instant::now();
+                    }
+                    Reconnected::Stopped => break Ok(()),
+                    Reconnected::Expired => {
                         break Err(ConnectError::Ended {
                             resource: opts.resource.clone(),
-                            reason: String::from_utf8_lossy(&c.reason).into_owned(),
+                            reason: "the controller was unreachable and the grant expired".into(),
                         });
                     }
-                    // Lost the controller: the tunnel stays up until the grant expires (the
-                    // gateway enforces it either way); renewal is impossible.
-                    warn!(error = %session.error(), "lost the controller; the grant ends at its expiry");
-                    let left = u64::try_from(current.expires_at_ms - now_ms()).unwrap_or(0);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(left)) => {}
-                        _ = &mut stop => {}
-                    }
-                    break Err(ConnectError::Ended { resource: opts.resource.clone(), reason: "the controller was unreachable and the grant expired".into() });
+                    Reconnected::Refused(e) => break Err(e.into()),
                 }
-            },
-            _ = tokio::time::sleep_until(renew) => {
+            }
+            Event::Renew => {
                 match ask(&session, dir, &opts.resource, Some(current.grant_id)).await {
                     Ok(next) => {
                         let g = next.grant.clone();

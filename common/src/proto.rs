@@ -86,6 +86,27 @@ pub enum Request {
     /// A gateway asks for every live grant it must enforce (after (re)connecting, before it
     /// passes traffic).
     SyncGrants,
+    /// A gateway reports what its filter dropped since its last report, so every refused
+    /// packet ends up in the audit log (summed per grant and reason, not one row per packet).
+    ReportDrops {
+        /// At most [`MAX_DROP_ROWS`] rows.
+        drops: Vec<DropCount>,
+    },
+}
+
+/// Most rows one [`Request::ReportDrops`] may carry; a gateway sends the rest next time.
+pub const MAX_DROP_ROWS: usize = 1_000;
+
+/// Packets a gateway dropped for one reason since its last report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropCount {
+    /// The grant whose peer sent them; `None` when no grant could be blamed (unknown peer,
+    /// a packet from a resource to nobody).
+    pub grant_id: Option<u64>,
+    /// Why (`port_not_granted`, `spoofed_source`, …).
+    pub reason: String,
+    /// How many.
+    pub count: u64,
 }
 
 /// A gateway's registration.
@@ -465,4 +486,20 @@ mod tests {
         assert!(d.contains("amara"));
         assert!(!d.contains("hunter2"));
     }
+}
+
+/// QUIC application close codes of the control connection. Clients tell a deliberate end
+/// (refused: revoked, disabled — stop and say why) from a controller going away (shutdown,
+/// restart — keep the tunnel until its grant expires and reconnect).
+pub mod close {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// The peer's connection was replaced by a newer one.
+    pub const REPLACED: u32 = 1;
+    /// The connection was refused or cut by policy (see the reason / Fatal frame).
+    pub const REFUSED: u32 = 2;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 3;
+    /// The controller is shutting down (it will be back; reconnect).
+    pub const SHUTDOWN: u32 = 4;
 }

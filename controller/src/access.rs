@@ -435,6 +435,56 @@ impl Controller {
         })
     }
 
+    /// Records what a gateway's filter dropped: one audit row per grant and reason, naming
+    /// the user, device and resource behind the grant, so an auditor sees who tried what.
+    pub async fn report_drops(
+        &self,
+        gateway: &crate::store::Gateway,
+        drops: Vec<wardgate_common::proto::DropCount>,
+    ) -> Result<(), WireError> {
+        if drops.len() > wardgate_common::proto::MAX_DROP_ROWS {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "a drop report carries at most {} rows; send the rest next time",
+                    wardgate_common::proto::MAX_DROP_ROWS
+                ),
+            ));
+        }
+        let actor = format!("gateway:{}", gateway.name);
+        for d in drops {
+            let grant = match d.grant_id.and_then(Grant::id_from_wire) {
+                Some(id) => self.store.grant_by_id(id).await.map_err(internal)?,
+                None => None,
+            };
+            let (target, detail) = match &grant {
+                Some(g) => {
+                    let user = self
+                        .store
+                        .user_by_id(&g.user_id)
+                        .await
+                        .map_err(internal)?
+                        .map(|u| u.username)
+                        .unwrap_or_else(|| g.user_id.clone());
+                    (
+                        g.id.to_string(),
+                        json!({"grant": g.id, "user": user, "device": g.device_id, "resource": g.resource,
+                               "reason": d.reason, "packets": d.count, "gateway": gateway.name}),
+                    )
+                }
+                None => (
+                    format!("gateway:{}", gateway.name),
+                    json!({"grant": d.grant_id, "reason": d.reason, "packets": d.count, "gateway": gateway.name}),
+                ),
+            };
+            warn!(gateway = %gateway.name, grant = ?d.grant_id, reason = %d.reason, packets = d.count, "gateway dropped packets");
+            self.audit(&actor, "dataplane.drop", &target, "deny", detail)
+                .await
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
     /// Every live grant a gateway must enforce (its resync).
     pub async fn gateway_grants(&self, gateway_id: &str) -> Result<Vec<GatewayGrant>, WireError> {
         let grants = self

@@ -305,6 +305,13 @@ async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Respon
             .gateway_grants(&g.id)
             .await
             .map(|grants| Response::GatewayGrants { grants }),
+        (Request::ReportDrops { drops }, Peer::Gateway(g)) => {
+            ctl.report_drops(g, drops).await.map(|()| Response::Done)
+        }
+        (Request::ReportDrops { .. }, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only gateways report drops",
+        )),
         (Request::Disconnect { grant_id }, Peer::Device(d)) => ctl
             .disconnect(&d.id, grant_id)
             .await

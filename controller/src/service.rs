@@ -143,16 +143,10 @@ impl Registry {
     }
 }
 
-/// QUIC application close codes.
-pub const CLOSE_NORMAL: u32 = 0;
-/// The peer's connection was replaced by a newer one.
-pub const CLOSE_REPLACED: u32 = 1;
-/// The connection was refused or cut by policy (see the reason / Fatal frame).
-pub const CLOSE_REFUSED: u32 = 2;
-/// The peer broke the protocol.
-pub const CLOSE_PROTOCOL: u32 = 3;
-/// The controller is shutting down.
-pub const CLOSE_SHUTDOWN: u32 = 4;
+pub use wardgate_common::proto::close::{
+    NORMAL as CLOSE_NORMAL, PROTOCOL as CLOSE_PROTOCOL, REFUSED as CLOSE_REFUSED,
+    REPLACED as CLOSE_REPLACED, SHUTDOWN as CLOSE_SHUTDOWN,
+};
 
 /// Everything a request handler needs.
 pub struct Controller {

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use tracing::{info, warn};
-use wardgate_common::proto::{ErrorCode, JoinGateway, Request, Response, Secret};
+use wardgate_common::proto::{
+    DropCount, ErrorCode, JoinGateway, MAX_DROP_ROWS, Request, Response, Secret,
+};
 use wardgate_common::transport::{ClientError, ControlClient};
 use wardgate_common::{files, keys, pki, tls};
 
@@ -269,6 +271,7 @@ async fn session(
     }
     backoff.reset();
     let mut seq = 0u64;
+    let mut ledger = DropLedger::default();
     let mut tick = tokio::time::interval(opts.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -279,6 +282,17 @@ async fn session(
                     Response::HeartbeatAck { seq: s, .. } if s == seq => {}
                     other => return Err(ClientError::Unexpected(format!("{other:?}"))),
                 }
+                if let Some(dp) = datapath
+                    && let Ok(stats) = dp.stats().await
+                {
+                    let drops = ledger.delta(&stats);
+                    if !drops.is_empty() {
+                        match session.request(Request::ReportDrops { drops }).await? {
+                            Response::Done => {}
+                            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                        }
+                    }
+                }
             }
             push = session.next_push() => {
                 let Some((push_id, push)) = push else {
@@ -288,6 +302,47 @@ async fn session(
                 session.ack(push_id, result).await;
             }
         }
+    }
+}
+
+/// Turns the data plane's cumulative drop counters into the increments since the last report
+/// (sans-IO: fed a [`crate::datapath::Stats`] snapshot, returns rows to send).
+#[derive(Debug, Default)]
+pub struct DropLedger {
+    reported: std::collections::HashMap<(Option<u64>, String), u64>,
+}
+
+impl DropLedger {
+    /// Rows that grew since the last call, at most [`MAX_DROP_ROWS`]; rows left over are
+    /// sent next time (their baseline is not advanced).
+    pub fn delta(&mut self, stats: &crate::datapath::Stats) -> Vec<DropCount> {
+        let rows = stats
+            .grants
+            .iter()
+            .flat_map(|g| {
+                g.dropped
+                    .iter()
+                    .map(move |(r, n)| (Some(g.grant_id), r, *n))
+            })
+            .chain(stats.unattributed_drops.iter().map(|(r, n)| (None, r, *n)));
+        let mut out = Vec::new();
+        for (grant, reason, total) in rows {
+            if out.len() == MAX_DROP_ROWS {
+                break;
+            }
+            let seen = self.reported.entry((grant, reason.clone())).or_insert(0);
+            // A counter that went down was reset (grant re-added): count from zero.
+            let base = if total < *seen { 0 } else { *seen };
+            if total > base {
+                out.push(DropCount {
+                    grant_id: grant,
+                    reason: reason.clone(),
+                    count: total - base,
+                });
+            }
+            *seen = total;
+        }
+        out
     }
 }
 
@@ -315,6 +370,90 @@ async fn apply_push(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stats(
+        grant_drops: &[(u64, &str, u64)],
+        unattributed: &[(&str, u64)],
+    ) -> crate::datapath::Stats {
+        crate::datapath::Stats {
+            grants: grant_drops
+                .iter()
+                .map(|(g, r, n)| crate::datapath::GrantStats {
+                    grant_id: *g,
+                    label: String::new(),
+                    tunnel_addr: std::net::IpAddr::from([100, 64, 0, 2]),
+                    expires_in_ms: 0,
+                    out_packets: 0,
+                    in_packets: 0,
+                    dropped: vec![((*r).to_owned(), *n)],
+                })
+                .collect(),
+            unattributed_drops: unattributed
+                .iter()
+                .map(|(r, n)| ((*r).to_owned(), *n))
+                .collect(),
+            wireguard_drops: Vec::new(),
+            flows: 0,
+        }
+    }
+
+    #[test]
+    fn drop_ledger_reports_increments_once() {
+        let mut l = DropLedger::default();
+        let d = l.delta(&stats(
+            &[(7, "port_not_granted", 5)],
+            &[("unknown_peer", 2)],
+        ));
+        assert_eq!(
+            d,
+            vec![
+                DropCount {
+                    grant_id: Some(7),
+                    reason: "port_not_granted".into(),
+                    count: 5
+                },
+                DropCount {
+                    grant_id: None,
+                    reason: "unknown_peer".into(),
+                    count: 2
+                },
+            ]
+        );
+        assert!(
+            l.delta(&stats(
+                &[(7, "port_not_granted", 5)],
+                &[("unknown_peer", 2)]
+            ))
+            .is_empty()
+        );
+        let d = l.delta(&stats(
+            &[(7, "port_not_granted", 9), (8, "spoofed_source", 1)],
+            &[],
+        ));
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].count, 4);
+        assert_eq!(
+            d[1],
+            DropCount {
+                grant_id: Some(8),
+                reason: "spoofed_source".into(),
+                count: 1
+            }
+        );
+        // A counter that starts again from zero (grant re-added) is counted from zero.
+        let d = l.delta(&stats(&[(7, "port_not_granted", 3)], &[]));
+        assert_eq!(d[0].count, 3);
+    }
+
+    #[test]
+    fn drop_ledger_caps_a_report_and_keeps_the_rest_for_later() {
+        let mut l = DropLedger::default();
+        let many: Vec<(u64, &str, u64)> =
+            (0..1_500u64).map(|g| (g, "port_not_granted", 1)).collect();
+        assert_eq!(l.delta(&stats(&many, &[])).len(), MAX_DROP_ROWS);
+        assert_eq!(l.delta(&stats(&many, &[])).len(), 500);
+        assert!(l.delta(&stats(&many, &[])).is_empty());
+    }
 
     #[test]
     fn backoff_doubles_caps_and_resets() {

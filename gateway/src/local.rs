@@ -73,8 +73,23 @@ pub enum LocalError {
     Protocol(String),
 }
 
+/// Whether the socket may install grants. A gateway run by a controller takes grants only
+/// from it (the store is the truth, and every grant needs its decision and audit row), so
+/// there the socket can list and remove but never add.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Adds {
+    /// Standalone data plane (`wardgate-gateway dataplane`): the operator installs grants.
+    Allowed,
+    /// Controller-managed (`wardgate-gateway run`): adds are refused.
+    ControllerOnly,
+}
+
 /// Serves the socket until the task is dropped.
-pub async fn serve(path: &Path, handle: Handle) -> Result<tokio::task::JoinHandle<()>, LocalError> {
+pub async fn serve(
+    path: &Path,
+    handle: Handle,
+    adds: Adds,
+) -> Result<tokio::task::JoinHandle<()>, LocalError> {
     let io = |source| LocalError::Io {
         path: path.to_path_buf(),
         source,
@@ -93,7 +108,7 @@ pub async fn serve(path: &Path, handle: Handle) -> Result<tokio::task::JoinHandl
             };
             let h = handle.clone();
             tokio::spawn(async move {
-                if let Err(e) = serve_conn(stream, h).await {
+                if let Err(e) = serve_conn(stream, h, adds).await {
                     debug!(error = %e, "local control connection ended");
                 }
             });
@@ -101,7 +116,7 @@ pub async fn serve(path: &Path, handle: Handle) -> Result<tokio::task::JoinHandl
     }))
 }
 
-async fn serve_conn(stream: UnixStream, handle: Handle) -> std::io::Result<()> {
+async fn serve_conn(stream: UnixStream, handle: Handle, adds: Adds) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     // A connection may send at most 64 requests' worth of bytes: the socket is local and
     // private, but a runaway client must not make the gateway buffer without bound.
@@ -116,6 +131,17 @@ async fn serve_conn(stream: UnixStream, handle: Handle) -> std::io::Result<()> {
                 Err(e) => LocalResponse::Error {
                     message: format!("malformed request: {e}"),
                 },
+                Ok(LocalRequest::Add { grant }) if adds == Adds::ControllerOnly => {
+                    warn!(
+                        grant = grant.grant_id,
+                        "refused a grant installed through the local socket"
+                    );
+                    LocalResponse::Error {
+                        message: "this gateway takes grants only from its controller; use the \
+                                  admin API (local installs are for `wardgate-gateway dataplane`)"
+                            .into(),
+                    }
+                }
                 Ok(LocalRequest::Add { grant }) => match handle.add_grant(grant).await {
                     Ok(()) => LocalResponse::Ok,
                     Err(e) => LocalResponse::Error {

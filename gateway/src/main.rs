@@ -248,7 +248,7 @@ async fn real_main() -> anyhow::Result<()> {
                 wardgate_common::signal::shutdown(),
             )
             .await?;
-            let _server = local::serve(&socket, handle.clone()).await?;
+            let _server = local::serve(&socket, handle.clone(), local::Adds::Allowed).await?;
             println!("listening={}", handle.local_addr());
             task.await?;
             let _ = std::fs::remove_file(&socket);
@@ -338,7 +338,7 @@ async fn real_main() -> anyhow::Result<()> {
                 )
                 .await?;
                 if let Some(sock) = &socket {
-                    local::serve(sock, handle.clone()).await?;
+                    local::serve(sock, handle.clone(), local::Adds::ControllerOnly).await?;
                 }
                 println!("listening={}", handle.local_addr());
                 dp_task = Some(task);

@@ -129,15 +129,32 @@ enum NodeCmd {
         /// Source address to write (may be spoofed).
         #[arg(long)]
         src: std::net::Ipv4Addr,
-        /// Target.
-        #[arg(long)]
-        to: SocketAddr,
-        /// How many SYNs.
+        /// Targets (repeat for a scan).
+        #[arg(long, required = true)]
+        to: Vec<SocketAddr>,
+        /// How many SYNs to each target.
         #[arg(long, default_value_t = 5)]
         count: u32,
         /// How long to listen for replies.
         #[arg(long, default_value = "2s")]
         listen: humantime::Duration,
+    },
+    /// Ask the controller for a real grant with an enrolled device's certificate and a key made
+    /// here, write the grant and the key for `syn-attack`, print `ready`, and hold the session
+    /// until killed: what a tampered client would do.
+    RogueGrant {
+        /// The enrolled device's `wardgate` config directory.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The resource.
+        #[arg(long)]
+        resource: String,
+        /// Where to write the grant (JSON).
+        #[arg(long)]
+        grant_out: std::path::PathBuf,
+        /// Where to write the private key.
+        #[arg(long)]
+        key_out: std::path::PathBuf,
     },
     /// Send malformed datagrams to a WireGuard port.
     Junk {
@@ -232,6 +249,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     return Ok(ExitCode::FAILURE);
                 }
             }
+            NodeCmd::RogueGrant {
+                config,
+                resource,
+                grant_out,
+                key_out,
+            } => {
+                wardgate::attack::rogue_grant(&config, &resource, &grant_out, &key_out).await?;
+            }
             NodeCmd::SynAttack {
                 grant,
                 key,
@@ -245,7 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 let k = wardgate_common::keys::decode_private(&String::from_utf8(std::fs::read(
                     &key,
                 )?)?)?;
-                let r = wardgate::attack::syn_attack(&g, k, src, to, count, listen.into()).await?;
+                let r = wardgate::attack::syn_attack(&g, k, src, &to, count, listen.into()).await?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             NodeCmd::Junk { to, count } => {
