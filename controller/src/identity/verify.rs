@@ -359,10 +359,9 @@ pub fn verify(
             leeway_s: provider.leeway_s,
         });
     }
-    if let Some(nbf) = claim_time(c, "nbf")? {
-        if now_s.saturating_add(leeway) < nbf {
-            return Err(IdentityError::NotYetValid { nbf, now: now_s });
-        }
+    let nbf = claim_time(c, "nbf")?;
+    if let Some(nbf) = nbf.filter(|&n| now_s.saturating_add(leeway) < n) {
+        return Err(IdentityError::NotYetValid { nbf, now: now_s });
     }
     let iat = claim_time(c, "iat")?.ok_or_else(|| IdentityError::MissingClaim {
         claim: "iat".into(),
