@@ -36,6 +36,9 @@ pub struct IdpOptions {
     pub code_ttl: u64,
     /// Device-code lifetime.
     pub device_code_ttl: u64,
+    /// Redirect URIs registered for the confidential admin-console client (exact match, port
+    /// included: it is a web client); empty keeps the IdP's placeholder.
+    pub admin_redirect_uris: Vec<String>,
 }
 
 impl Default for IdpOptions {
@@ -45,6 +48,7 @@ impl Default for IdpOptions {
             access_token_ttl: 300,
             code_ttl: 60,
             device_code_ttl: 300,
+            admin_redirect_uris: Vec::new(),
         }
     }
 }
@@ -249,6 +253,9 @@ impl Idp {
                 .args(["--access-token-ttl", &opts.access_token_ttl.to_string()])
                 .args(["--code-ttl", &opts.code_ttl.to_string()])
                 .args(["--device-code-ttl", &opts.device_code_ttl.to_string()]);
+            for uri in &opts.admin_redirect_uris {
+                cmd.args(["--admin-redirect-uri", uri]);
+            }
             let mut proc = Proc::spawn(cmd, logs.path(), &format!("idp-{attempt}"))?;
             let stdout = proc.stdout.clone();
             let ready = wait_for(Duration::from_secs(20), "the test IdP's READY line", || {

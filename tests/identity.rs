@@ -281,7 +281,7 @@ async fn misuse_is_refused_with_the_specific_error() {
     assert_eq!(e, IdentityError::NonceReplayed);
 }
 
-/// An ES256 key of our own, as a JWK-less signer: the IdP never had it.
+/// A token signed with an ES256 key made here, which the IdP never had, naming key `kid`.
 fn foreign_token(issuer: &str, aud: &str, kid: &str) -> String {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
     let key = jsonwebtoken::EncodingKey::from_ec_der(&kp.serialize_der());

@@ -17,9 +17,9 @@
 //   GET  /test/keys                                                     -> {"active": kid, "kids": [...]}
 //   GET  /test/accounts                                                 -> the static accounts
 //
-// Interactions: /interaction/:uid logs in the account named by `login_hint` (400-free: an
-// unknown or missing hint ends the flow with `login_required` at the client's redirect URI)
-// and grants whatever the client asked for.
+// Interactions: /interaction/:uid logs in the account named by `login_hint` and grants
+// whatever the client asked for. An unknown or missing hint ends the flow the way a real
+// IdP would: `error=login_required` at the client's redirect URI.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import http from 'node:http';
