@@ -10,6 +10,7 @@ pub mod build;
 pub mod demo;
 pub mod dpnet;
 pub mod harness;
+pub mod idp;
 pub mod netns;
 pub mod netsite;
 pub mod node;

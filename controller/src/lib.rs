@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod ca;
 pub mod config;
+pub mod identity;
 pub mod policy;
 pub mod quic;
 pub mod run;
