@@ -307,3 +307,174 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
+
+/// Asks for grants as fast as it can, 8 in flight over one device session, until a request
+/// fails (the controller was killed) or `stop` fires; returns how many were granted.
+fn grant_storm(
+    s: &Site,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::thread::JoinHandle<usize> {
+    use wardgate_common::proto::{Request, Response};
+    let cfg_dir = s.client.clone();
+    let controller = s.w.quic.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        rt.block_on(async move {
+            let dir = wardgate_client::state::ConfigDir::resolve(Some(cfg_dir)).expect("dir");
+            let cfg = wardgate_client::enrol::client_config(&dir).expect("cfg");
+            let client =
+                match wardgate_common::transport::ControlClient::connect(&controller, cfg, "storm")
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("storm: cannot connect: {e}");
+                        return 0;
+                    }
+                };
+            let session = std::sync::Arc::new(client.into_session());
+            let mut set = tokio::task::JoinSet::new();
+            let mut granted = 0;
+            let mut failed = false;
+            loop {
+                while set.len() < 8 && !failed {
+                    let s = session.clone();
+                    set.spawn(async move {
+                        let key = wardgate_common::keys::generate_private();
+                        s.request(Request::Connect {
+                            resource: "ehr-web".into(),
+                            wg_public_key: wardgate_common::keys::public_of(&key),
+                            renews: None,
+                        })
+                        .await
+                    });
+                }
+                let next = tokio::select! {
+                    n = set.join_next() => n,
+                    _ = stop.changed() => return granted,
+                };
+                match next {
+                    Some(Ok(Ok(Response::Granted(_)))) => granted += 1,
+                    Some(other) => {
+                        if !failed {
+                            eprintln!("storm: stopped by {other:?}");
+                        }
+                        failed = true;
+                    }
+                    None => return granted,
+                }
+            }
+        })
+    })
+}
+
+/// Grant ids (wire form), the live ones among them, and the targets of `grant.issue` events,
+/// read straight from the controller's SQLite file.
+fn store_view(s: &Site) -> (Vec<u64>, Vec<u64>, Vec<String>) {
+    let db = s.w.data_dir.join("wardgate.db");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        use sqlx::{Connection, Row};
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("db");
+        let now = wardgate_common::unix_ms(std::time::SystemTime::now());
+        let rows = sqlx::query("SELECT id, status, expires_ms FROM grants")
+            .fetch_all(&mut c)
+            .await
+            .expect("grants");
+        let all: Vec<u64> = rows
+            .iter()
+            .map(|r| r.get::<i64, _>("id").unsigned_abs())
+            .collect();
+        let live: Vec<u64> = rows
+            .iter()
+            .filter(|r| {
+                r.get::<String, _>("status") == "active" && r.get::<i64, _>("expires_ms") > now
+            })
+            .map(|r| r.get::<i64, _>("id").unsigned_abs())
+            .collect();
+        let issued: Vec<String> =
+            sqlx::query_scalar("SELECT target FROM audit_log WHERE action = 'grant.issue'")
+                .fetch_all(&mut c)
+                .await
+                .expect("audit");
+        (all, live, issued)
+    })
+}
+
+fn peer_ids(s: &Site) -> Vec<u64> {
+    let mut ids: Vec<u64> = gateway_grants(s)
+        .iter()
+        .filter_map(|g| g["grant_id"].as_u64())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn killing_the_controller_during_issuance_leaves_no_orphan_peer_and_no_unaudited_grant() {
+    let mut s = site();
+    let mut total = 0;
+    for round in 1..=4usize {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let before = peer_ids(&s).len();
+        let storm = grant_storm(&s, stopped);
+        // Kill once issuance is in full swing: a different number of grants each round, so the
+        // kill lands at different points of the issue path (decide, commit, push, ack).
+        let t = std::time::Instant::now();
+        wait_for(Duration::from_secs(30), "grants to flow", || {
+            (peer_ids(&s).len() >= before + 5 * round).then_some(())
+        })
+        .expect("issuance running");
+        eprintln!("round {round}: flowing after {:?}", t.elapsed());
+        if let Some(c) = s.w.controller.as_mut() {
+            c.kill();
+        }
+        s.w.controller = None;
+        let _ = stop.send(true);
+        total += storm.join().expect("storm");
+
+        let peers = peer_ids(&s);
+        let (grants, _, issued) = store_view(&s);
+        for p in &peers {
+            assert!(
+                grants.contains(p),
+                "round {round}: peer {p} is at the gateway but its grant is not in the store"
+            );
+        }
+        for g in &grants {
+            assert!(
+                issued.contains(&g.to_string()),
+                "round {round}: grant {g} has no grant.issue audit row"
+            );
+        }
+        let v = s.w.audit(&["verify"]).expect("verify");
+        assert!(
+            v.ok,
+            "round {round}: the chain survives the kill: {}",
+            v.stderr
+        );
+
+        // Back up: the gateway resyncs to exactly the store's live grants.
+        let resyncs = || {
+            std::fs::read_to_string(&s.gateway.stderr)
+                .map_or(0, |l| l.matches("grants resynced").count())
+        };
+        let before = resyncs();
+        let t = std::time::Instant::now();
+        s.w.start_controller().expect("restart");
+        wait_for(Duration::from_secs(30), "the gateway to reconnect", || {
+            (resyncs() > before).then_some(())
+        })
+        .expect("the gateway reconnects at once (stateless reset), not after the idle timeout");
+        wait_for(Duration::from_secs(30), "the gateway to resync", || {
+            let (_, mut live, _) = store_view(&s);
+            live.sort_unstable();
+            (peer_ids(&s) == live).then_some(())
+        })
+        .expect("after the restart the gateway holds exactly the live grants");
+        eprintln!("round {round}: resynced after {:?}", t.elapsed());
+    }
+    eprintln!("{total} grants issued across 4 kills");
+}

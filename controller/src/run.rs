@@ -159,7 +159,16 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
 
     let quic_cfg =
         wardgate_common::tls::server_config(chain.clone(), key_der.clone_key(), &ca_der)?;
-    let endpoint = quinn::Endpoint::server(quic_cfg, config.quic_listen)
+    let socket = std::net::UdpSocket::bind(config.quic_listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen for QUIC on {}: {e}", config.quic_listen))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime for QUIC"))?;
+    let (reset_key, cid_key) = restart_stable_keys(&key_pem);
+    let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let endpoint = quinn::Endpoint::new(endpoint_cfg, Some(quic_cfg), socket, runtime)
         .map_err(|e| anyhow::anyhow!("cannot listen for QUIC on {}: {e}", config.quic_listen))?;
     let quic_addr = endpoint.local_addr()?;
 
@@ -202,4 +211,28 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
         controller,
         tasks,
     })
+}
+
+/// The keys behind QUIC stateless-reset tokens and connection-id validation, derived from the
+/// controller's private key so they stay the same across restarts: a restarted controller then
+/// recognises connection ids it issued before and answers their packets with a reset the peer
+/// accepts, so gateways and clients reconnect (and gateways resync) at their next packet
+/// instead of after the 20 s idle timeout. With per-process random keys (quinn's default) the
+/// new process drops those packets as invalid and revocations wait for the timeout.
+fn restart_stable_keys(key_pem: &str) -> (ring::hmac::Key, u64) {
+    use sha2::Digest;
+    let derive = |label: &[u8]| {
+        let mut h = sha2::Sha256::new();
+        h.update(label);
+        h.update(key_pem.as_bytes());
+        h.finalize()
+    };
+    let reset = derive(b"wardgate quic stateless reset v1\0");
+    let cid = derive(b"wardgate quic connection ids v1\0");
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&cid[..8]);
+    (
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset),
+        u64::from_le_bytes(first),
+    )
 }
