@@ -516,6 +516,14 @@ mod tests {
         }
         let verdicts = p.posture_verdicts(&f, now);
         assert_eq!(verdicts.len(), 1);
+        let outsider = Facts {
+            groups: vec!["vendor".into()],
+            ..f.clone()
+        };
+        assert!(
+            p.posture_verdicts(&outsider, now).is_empty(),
+            "only policies that could apply to the user"
+        );
         assert!(!verdicts[0].pass);
         assert_eq!(verdicts[0].policy, "ehr");
         assert_eq!(

@@ -153,13 +153,15 @@ impl CompiledPolicies {
         explain(request, facts, self, now)
     }
 
-    /// How each policy with a posture profile judges `facts.posture` at `now`, in policy-set
-    /// order, so a posture report can be audited with pass/fail per policy and the client told
-    /// what to fix before anything is even asked for. Only the posture checks are made: group,
-    /// windows and the rest are for [`decide`].
+    /// How each policy with a posture profile that could apply to the user (one of its groups
+    /// is theirs) judges `facts.posture` at `now`, in policy-set order, so a posture report
+    /// can be audited with pass/fail per policy and the client told what to fix before
+    /// anything is even asked for — without telling a clinician to start a vendor's agent.
+    /// Only the posture checks are made: windows and the rest are for [`decide`].
     pub fn posture_verdicts(&self, facts: &Facts, now: Timestamp) -> Vec<PostureVerdict> {
         self.policies
             .iter()
+            .filter(|p| p.groups.iter().any(|g| facts.in_group(g)))
             .filter_map(|p| {
                 let profile = p.posture.as_ref()?;
                 let mut sink = Collect::default();
