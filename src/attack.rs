@@ -273,3 +273,51 @@ pub async fn rogue_grant(
         }
     }
 }
+
+/// What the controller answered to a posture report sent by [`send_posture`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PostureAnswer {
+    /// Whether it was accepted.
+    pub accepted: bool,
+    /// The error code when refused (`report_replayed`, …).
+    pub code: Option<String>,
+    /// The controller's words.
+    pub message: String,
+}
+
+/// Sends this machine's posture report with the enrolled device in `config` (its certificate)
+/// and the given `counter` — a replay when the counter is one the controller already saw —
+/// and returns the answer. The device's own counter file is not touched.
+pub async fn send_posture(config: &std::path::Path, counter: u64) -> anyhow::Result<PostureAnswer> {
+    use wardgate_client::posture;
+    use wardgate_common::proto::{Request, Response};
+    let dir = wardgate_client::state::ConfigDir::resolve(Some(config.to_path_buf()))?;
+    let rec = dir.load()?.context("the device is not enrolled")?;
+    let cfg = wardgate_client::enrol::client_config(&dir)?;
+    let opts = posture::Options {
+        required_processes: Vec::new(),
+        device_cert: Some(dir.cert()),
+        counter,
+    };
+    let report = tokio::task::spawn_blocking(move || (posture::system_collect())(&opts)).await?;
+    let mut client =
+        wardgate_common::transport::ControlClient::connect(&rec.controller, cfg, "replay").await?;
+    let answer = client.request(Request::ReportPosture { report }).await;
+    client.close().await;
+    Ok(match answer {
+        Ok(Response::PostureAccepted { failing, .. }) => PostureAnswer {
+            accepted: true,
+            code: None,
+            message: failing.join("; "),
+        },
+        Ok(other) => bail!("unexpected answer: {other:?}"),
+        Err(e) => match e.wire() {
+            Some(w) => PostureAnswer {
+                accepted: false,
+                code: Some(w.code.to_string()),
+                message: w.message.clone(),
+            },
+            None => return Err(e.into()),
+        },
+    })
+}

@@ -320,6 +320,76 @@ impl NetSite {
             .collect()
     }
 
+    /// Sets how often devices report their posture (`settings set --posture-interval`).
+    pub fn set_posture_interval(&self, interval: &str) -> anyhow::Result<()> {
+        self.w
+            .admin_json(&["settings", "set", "--posture-interval", interval], None)?;
+        Ok(())
+    }
+
+    /// Creates or replaces a posture profile (`posture-profile put`).
+    pub fn put_posture_profile(&self, profile: serde_json::Value) -> anyhow::Result<()> {
+        let name = profile["name"]
+            .as_str()
+            .context("the profile has no name")?;
+        let f = write_json(
+            self.w.dir.path(),
+            &format!("posture-{name}.json"),
+            profile.clone(),
+        )?;
+        self.w
+            .admin_json(&["posture-profile", "put", "--file", &f], None)?;
+        Ok(())
+    }
+
+    /// Replaces policy `name` (one group, one resource, no MFA, 8 h sessions), optionally
+    /// naming a posture profile.
+    pub fn put_policy(
+        &self,
+        name: &str,
+        group: &str,
+        resource: &str,
+        max_grant: &str,
+        posture_profile: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut conditions = serde_json::json!({"mfa_required": false, "max_grant": max_grant,
+            "session_lifetime": "8h"});
+        if let Some(p) = posture_profile {
+            conditions["posture_profile"] = p.into();
+        }
+        let f = write_json(
+            self.w.dir.path(),
+            &format!("{name}.json"),
+            serde_json::json!({"name": name, "groups": [group], "resources": [resource],
+                "conditions": conditions}),
+        )?;
+        self.w.admin_json(&["policy", "put", "--file", &f], None)?;
+        Ok(())
+    }
+
+    /// Applies an nftables script in the client namespace (the laptops' host firewall).
+    pub fn client_nft(&self, script: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut c = self.topo.client.command(Path::new("nft"));
+        c.args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c
+            .spawn()
+            .context("cannot run nft in the client namespace")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// A device's id by its owner's name.
     pub fn device_of(&self, user: &str) -> anyhow::Result<String> {
         let list = self.w.admin_json(&["device", "list"], None)?;

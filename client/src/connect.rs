@@ -17,7 +17,16 @@ use wardgate_common::{files, keys, unix_ms};
 
 use crate::datapath::{self, KeyedGrant, Mode};
 use crate::enrol;
+use crate::posture::{self, CollectFn};
 use crate::state::ConfigDir;
+use wardgate_common::posture::PostureReport;
+
+/// How often the client looks at its own facts between reports, so a change (a firewall
+/// switched off) is reported within this time even when the controller's interval is long.
+/// Capped by the interval itself.
+pub const CHANGE_POLL: Duration = Duration::from_secs(5);
+/// The interval used until the controller says otherwise.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why connecting failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +81,13 @@ pub struct ConnectionState {
     pub listening: Vec<SocketAddr>,
     /// Renewal state in words: `scheduled`, `renewed`, `failed: …`.
     pub renewal: String,
+    /// When the last posture report was accepted (ms since the epoch).
+    #[serde(default)]
+    pub posture_reported_at_ms: Option<i64>,
+    /// What the controller says fails in this device's posture now, in words (empty: all
+    /// posture checks pass).
+    #[serde(default)]
+    pub posture_failing: Vec<String>,
 }
 
 /// A denial remembered for `status`.
@@ -97,6 +113,8 @@ pub struct ConnectOptions {
     pub forwards: Vec<(SocketAddr, Option<SocketAddr>)>,
     /// Userspace SOCKS5 address.
     pub socks: Option<SocketAddr>,
+    /// How posture facts are collected ([`posture::system_collect`] for this machine).
+    pub posture: CollectFn,
 }
 
 fn now_ms() -> i64 {
@@ -116,6 +134,149 @@ enum Event {
     Stop,
     Push(Option<(u64, Push)>),
     Renew,
+    Posture,
+}
+
+/// Whether a freshly collected report must be sent now: nothing sent yet, the facts changed
+/// since the last one sent, or the controller's interval has passed since then.
+pub fn report_due(
+    last: Option<&PostureReport>,
+    fresh: &PostureReport,
+    since_last: Duration,
+    interval: Duration,
+) -> bool {
+    match last {
+        None => true,
+        Some(last) => !posture::same_facts(last, fresh) || since_last >= interval,
+    }
+}
+
+/// Reports this device's posture on the control session: on connect (before asking for a
+/// grant), when the facts change, and at the controller's interval. Each report carries the
+/// next counter, recorded as used *before* sending, so a crash can never make the client
+/// reuse one (the controller would refuse it as a replay).
+struct Reporter {
+    dir: ConfigDir,
+    collect: CollectFn,
+    processes: Vec<String>,
+    interval: Duration,
+    last: Option<(PostureReport, tokio::time::Instant)>,
+    poll_at: tokio::time::Instant,
+    failing: Vec<String>,
+    accepted_at_ms: Option<i64>,
+}
+
+impl Reporter {
+    fn new(dir: ConfigDir, collect: CollectFn) -> Self {
+        Self {
+            dir,
+            collect,
+            processes: Vec::new(),
+            interval: DEFAULT_REPORT_INTERVAL,
+            last: None,
+            poll_at: tokio::time::Instant::now() + CHANGE_POLL,
+            failing: Vec::new(),
+            accepted_at_ms: None,
+        }
+    }
+
+    /// When to look at the facts next.
+    fn next_poll(&self) -> tokio::time::Instant {
+        self.poll_at
+    }
+
+    /// Collects on a blocking thread (collectors run commands such as `nft`).
+    async fn collect(&self) -> Result<PostureReport, ConnectError> {
+        let opts = posture::Options {
+            required_processes: self.processes.clone(),
+            device_cert: Some(self.dir.cert()),
+            counter: 0,
+        };
+        let collect = self.collect.clone();
+        tokio::task::spawn_blocking(move || collect(&opts))
+            .await
+            .map_err(|e| ConnectError::Unexpected(format!("posture collection failed: {e}")))
+    }
+
+    /// Collects and sends whatever the facts are.
+    async fn send_now(&mut self, session: &ControlSession) -> Result<(), ConnectError> {
+        let fresh = self.collect().await?;
+        self.send(session, fresh).await
+    }
+
+    /// Collects, and sends if [`report_due`]; otherwise schedules the next look.
+    async fn poll(&mut self, session: &ControlSession) -> Result<(), ConnectError> {
+        let fresh = self.collect().await?;
+        let due = match &self.last {
+            None => true,
+            Some((last, at)) => report_due(Some(last), &fresh, at.elapsed(), self.interval),
+        };
+        if due {
+            return self.send(session, fresh).await;
+        }
+        let now = tokio::time::Instant::now();
+        let by_interval = self
+            .last
+            .as_ref()
+            .map_or(now, |(_, at)| *at + self.interval);
+        self.poll_at = (now + CHANGE_POLL).min(by_interval);
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        session: &ControlSession,
+        mut report: PostureReport,
+    ) -> Result<(), ConnectError> {
+        let counter = posture::next_counter(&self.dir).map_err(|e| {
+            ConnectError::Unexpected(format!("cannot read the posture report counter: {e}"))
+        })?;
+        posture::record_sent(&self.dir, counter).map_err(|e| {
+            ConnectError::Unexpected(format!("cannot store the posture report counter: {e}"))
+        })?;
+        report.counter = counter;
+        let answer = session
+            .request(Request::ReportPosture {
+                report: report.clone(),
+            })
+            .await;
+        // Whatever the answer, the facts were offered now: the next regular report is an
+        // interval away (a refusal is logged; the controller decides on what it has).
+        let sent = tokio::time::Instant::now();
+        self.last = Some((report, sent));
+        self.poll_at = sent + self.interval.min(CHANGE_POLL);
+        match answer {
+            Ok(Response::PostureAccepted {
+                interval_ms,
+                processes,
+                failing,
+            }) => {
+                self.interval = Duration::from_millis(interval_ms.max(100));
+                self.accepted_at_ms = Some(now_ms());
+                if failing != self.failing && !failing.is_empty() {
+                    warn!(failing = ?failing, "this device's security check fails; access that needs it ends");
+                }
+                self.failing = failing;
+                self.poll_at = sent + self.interval.min(CHANGE_POLL);
+                if processes != self.processes {
+                    // Now the client knows what to look for: report again with it.
+                    self.processes = processes;
+                    self.last = None;
+                    self.poll_at = sent;
+                }
+                debug!(counter, "posture reported");
+                Ok(())
+            }
+            Ok(other) => Err(ConnectError::Unexpected(format!("{other:?}"))),
+            Err(e) => {
+                warn!(error = %e, counter, "posture report refused");
+                match e.wire() {
+                    Some(_) => Ok(()),
+                    None => Err(e.into()),
+                }
+            }
+        }
+    }
 }
 
 /// How dialling the controller again ended.
@@ -200,14 +361,7 @@ async fn ask(
         Ok(other) => Err(ConnectError::Unexpected(format!("{other:?}"))),
         Err(e) => match e.wire() {
             Some(w) if w.code == ErrorCode::AccessDenied => {
-                let d = LastDenial {
-                    resource: resource.to_owned(),
-                    at_ms: now_ms(),
-                    reasons: w.details.clone(),
-                };
-                if let Ok(bytes) = serde_json::to_vec_pretty(&d) {
-                    let _ = files::write_public(&denial_file(dir), &bytes);
-                }
+                remember_denial(dir, resource, w.details.clone());
                 Err(ConnectError::Denied {
                     resource: resource.to_owned(),
                     reasons: w.details.clone(),
@@ -215,6 +369,18 @@ async fn ask(
             }
             _ => Err(e.into()),
         },
+    }
+}
+
+/// Keeps a denial or an early end for `status`, which shows it with what to fix.
+fn remember_denial(dir: &ConfigDir, resource: &str, reasons: Vec<String>) {
+    let d = LastDenial {
+        resource: resource.to_owned(),
+        at_ms: now_ms(),
+        reasons,
+    };
+    if let Ok(bytes) = serde_json::to_vec_pretty(&d) {
+        let _ = files::write_public(&denial_file(dir), &bytes);
     }
 }
 
@@ -244,6 +410,13 @@ pub async fn connect(
     let mut session = ControlClient::connect(&rec.controller, cfg.clone(), &software)
         .await?
         .into_session();
+    // Posture first, so the decision on the grant rests on facts from now.
+    let mut reporter = Reporter::new(dir.clone(), opts.posture.clone());
+    reporter.send_now(&session).await?;
+    if reporter.last.is_none() {
+        // The controller asked for processes to be looked at: report with them.
+        reporter.send_now(&session).await?;
+    }
     let first = ask(&session, dir, &opts.resource, None).await?;
     let grant = first.grant.clone();
     let rules = grant.rules.clone();
@@ -297,6 +470,8 @@ pub async fn connect(
         mode: if opts.tun { "tun" } else { "userspace" }.into(),
         listening: listening.clone(),
         renewal: "scheduled".into(),
+        posture_reported_at_ms: reporter.accepted_at_ms,
+        posture_failing: reporter.failing.clone(),
     };
     let save = |st: &ConnectionState| {
         if let Ok(bytes) = serde_json::to_vec_pretty(st) {
@@ -314,6 +489,7 @@ pub async fn connect(
             _ = &mut stop => Event::Stop,
             push = session.next_push() => Event::Push(push),
             _ = tokio::time::sleep_until(renew) => Event::Renew,
+            _ = tokio::time::sleep_until(reporter.next_poll()) => Event::Posture,
         };
         match event {
             Event::Stop => {
@@ -327,6 +503,7 @@ pub async fn connect(
             Event::Push(Some((_, Push::GrantEnded { grant_id, reason })))
                 if grant_id == current.grant_id =>
             {
+                remember_denial(dir, &opts.resource, vec![reason.clone()]);
                 break Err(ConnectError::Ended {
                     resource: opts.resource.clone(),
                     reason,
@@ -376,7 +553,29 @@ pub async fn connect(
                     Reconnected::Refused(e) => break Err(e.into()),
                 }
             }
+            Event::Posture => {
+                match reporter.poll(&session).await {
+                    Ok(()) => {
+                        if state.posture_failing != reporter.failing
+                            || state.posture_reported_at_ms != reporter.accepted_at_ms
+                        {
+                            state.posture_failing = reporter.failing.clone();
+                            state.posture_reported_at_ms = reporter.accepted_at_ms;
+                            save(&state);
+                        }
+                    }
+                    // The session is gone: the push branch notices and reconnects.
+                    Err(e) => {
+                        debug!(error = %e, "posture report not sent");
+                        reporter.poll_at = tokio::time::Instant::now() + CHANGE_POLL;
+                    }
+                }
+            }
             Event::Renew => {
+                // A renewal is a new decision: give it fresh facts.
+                if let Err(e) = reporter.send_now(&session).await {
+                    debug!(error = %e, "posture report before renewal not sent");
+                }
                 match ask(&session, dir, &opts.resource, Some(current.grant_id)).await {
                     Ok(next) => {
                         let g = next.grant.clone();
@@ -403,4 +602,54 @@ pub async fn connect(
     task.abort();
     session.close().await;
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use wardgate_common::posture::Tri;
+
+    fn report(firewall: Tri, counter: u64) -> PostureReport {
+        PostureReport {
+            os: "debian".into(),
+            os_version: Some("12".into()),
+            os_name: None,
+            kernel: Some("6.1".into()),
+            disk_encrypted: Tri::No,
+            firewall,
+            screen_lock: Tri::Unknown,
+            processes: vec![],
+            client_version: Some("0.1.0".into()),
+            device_fingerprint: Some("ab".into()),
+            counter,
+            detail: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_report_is_due_first_on_change_and_by_interval_but_not_for_a_new_counter_alone() {
+        let second = Duration::from_secs(1);
+        let interval = Duration::from_secs(30);
+        let on = report(Tri::Yes, 1);
+        assert!(report_due(None, &on, Duration::ZERO, interval), "first");
+        let mut same = report(Tri::Yes, 2);
+        same.detail.insert(
+            wardgate_common::posture::Fact::Firewall,
+            "worded differently".into(),
+        );
+        assert!(
+            !report_due(Some(&on), &same, second, interval),
+            "counter and evidence alone are no change"
+        );
+        assert!(
+            report_due(Some(&on), &same, interval, interval),
+            "the interval has passed"
+        );
+        let off = report(Tri::No, 3);
+        assert!(
+            report_due(Some(&on), &off, second, interval),
+            "the firewall went off"
+        );
+    }
 }

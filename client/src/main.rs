@@ -218,6 +218,7 @@ async fn real_main() -> anyhow::Result<()> {
                 tun_name,
                 forwards: fw,
                 socks,
+                posture: wardgate_client::posture::system_collect(),
             };
             let r = wardgate_client::connect::connect(&dir, opts, wardgate_common::signal::shutdown(), |g, listening| {
                 if json {

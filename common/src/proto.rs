@@ -92,6 +92,15 @@ pub enum Request {
         /// At most [`MAX_DROP_ROWS`] rows.
         drops: Vec<DropCount>,
     },
+    /// A device reports its posture: on connect (before asking for a grant, so the first
+    /// decision rests on fresh facts), when its facts change, and at the interval the
+    /// controller gave in [`Response::PostureAccepted`]. Rides the device's mutual-TLS session,
+    /// so the certificate says whose report it is; the counter stops an old one being replayed.
+    ReportPosture {
+        /// The report; its `counter` must exceed the last one the controller accepted from
+        /// this device.
+        report: crate::posture::PostureReport,
+    },
 }
 
 /// Most rows one [`Request::ReportDrops`] may carry; a gateway sends the rest next time.
@@ -278,6 +287,19 @@ pub enum Response {
         /// The grants.
         grants: Vec<crate::grant::GatewayGrant>,
     },
+    /// A posture report was accepted (and every live grant of the device re-decided on it).
+    PostureAccepted {
+        /// How often to report even when nothing changed (ms); set by the controller so an
+        /// operator can trade freshness for load in one place.
+        interval_ms: u64,
+        /// Process names posture profiles require, so the client knows what to look for.
+        #[serde(default)]
+        processes: Vec<String>,
+        /// What fails now, in words for the user, over every policy with a posture profile
+        /// (empty when the device meets them all).
+        #[serde(default)]
+        failing: Vec<String>,
+    },
     /// Done.
     Done,
 }
@@ -391,6 +413,9 @@ pub enum ErrorCode {
     NotFound,
     /// A gateway serving the resource did not confirm in time; nothing was granted.
     GatewayUnavailable,
+    /// A posture report's counter is not above the last accepted one: an old report replayed
+    /// (or reordered); it was refused and audited.
+    ReportReplayed,
 }
 
 impl std::fmt::Display for ErrorCode {

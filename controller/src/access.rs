@@ -194,6 +194,9 @@ pub async fn facts_for(
             )
         })?;
     let groups = ctl.store.groups_of_user(&user.id).await.map_err(internal)?;
+    let posture = crate::posture::latest_report(ctl, device_id)
+        .await
+        .map_err(internal)?;
     let facts = Facts {
         groups,
         // Local users have no second factor yet (TOTP comes with the identity work), so
@@ -207,7 +210,7 @@ pub async fn facts_for(
         },
         device: device.status,
         user_disabled: user.disabled,
-        posture: None,
+        posture,
     };
     Ok((user, facts))
 }

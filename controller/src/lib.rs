@@ -11,6 +11,7 @@ pub mod ca;
 pub mod config;
 pub mod identity;
 pub mod policy;
+pub mod posture;
 pub mod quic;
 pub mod run;
 pub mod secrets;

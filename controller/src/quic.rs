@@ -312,6 +312,11 @@ async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Respon
             ErrorCode::Forbidden,
             "only gateways report drops",
         )),
+        (Request::ReportPosture { report }, Peer::Device(d)) => ctl.report_posture(d, report).await,
+        (Request::ReportPosture { .. }, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only enrolled devices report posture",
+        )),
         (Request::Disconnect { grant_id }, Peer::Device(d)) => ctl
             .disconnect(&d.id, grant_id)
             .await

@@ -129,6 +129,28 @@ impl Running {
     }
 }
 
+/// How often the sweeper records expired grants and looks for stale posture reports. A
+/// stale report is noticed at most this long after it went stale.
+pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The sweeper: records grants that ran out (gateways drop them by their own clocks already)
+/// and ends grants whose device's posture report has grown too old, until `cancel` fires.
+async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        ctl.sweep_expired().await;
+        let ended = ctl.sweep_posture().await;
+        if ended > 0 {
+            info!(ended, "grants ended: posture reports too old or missing");
+        }
+    }
+}
+
 /// Loads the data directory, binds both listeners and starts serving until `cancel` fires.
 pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running> {
     let config = ControllerConfig::load(dir)?;
@@ -196,6 +218,7 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
     info!(quic = %quic_addr, admin = %admin_addr, backend = ?controller.store.backend(), "controller serving");
 
     let tasks = vec![
+        tokio::spawn(sweep(controller.clone(), cancel.clone())),
         tokio::spawn(crate::quic::serve(
             controller.clone(),
             endpoint,

@@ -23,7 +23,8 @@ use wardgate_common::proto::Secret;
 use wardgate_controller::store::{
     AUDIT_GENESIS_HASH, AdminToken, AuditBreak, AuditEvent, AuditProblem, AuditVerification,
     Backend, ConsumeTokenError, Device, DeviceStatus, DocKind, Gateway, GatewayStatus, Grant,
-    GrantStatus, Group, JoinToken, NewAuditEvent, NewGrant, Store, StoreError, User, audit_hash,
+    GrantStatus, Group, JoinToken, NewAuditEvent, NewGrant, PostureAccept, Store, StoreError, User,
+    audit_hash,
 };
 
 const PG_ENV: &str = "WARDGATE_TEST_PG_URL";
@@ -2176,6 +2177,122 @@ async fn audit_verify_finds_tampering_across_pages() {
         );
 
         conn.close().await.unwrap();
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn posture_reports_keep_the_highest_counter_and_find_stale_devices() {
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "amara")).await.unwrap();
+        for d in ["dev_1", "dev_2", "dev_3"] {
+            store.insert_device(&device(d, "usr_1")).await.unwrap();
+        }
+        store
+            .insert_gateway(&gateway("gw_1", "alpha", "fp-a"))
+            .await
+            .unwrap();
+        assert_eq!(store.latest_posture("dev_1").await.unwrap(), None);
+
+        let accept = |counter: i64, firewall: &'static str, at: i64| {
+            let store = store.clone();
+            async move {
+                store
+                    .accept_posture_report(
+                        "dev_1",
+                        counter,
+                        &json!({"firewall": firewall, "counter": counter}).to_string(),
+                        at,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(accept(5, "yes", 1_000).await, PostureAccept::Accepted);
+        // The same counter again, and an older one: refused, and the kept report is unchanged.
+        assert_eq!(
+            accept(5, "no", 2_000).await,
+            PostureAccept::Replayed { last: 5 }
+        );
+        assert_eq!(
+            accept(2, "no", 2_000).await,
+            PostureAccept::Replayed { last: 5 }
+        );
+        let kept = store.latest_posture("dev_1").await.unwrap().unwrap();
+        assert_eq!((kept.counter, kept.received_ms), (5, 1_000));
+        assert!(kept.report_json.contains(r#""firewall":"yes""#));
+        assert_eq!(accept(6, "no", 3_000).await, PostureAccept::Accepted);
+        let kept = store.latest_posture("dev_1").await.unwrap().unwrap();
+        assert_eq!((kept.counter, kept.received_ms), (6, 3_000));
+        assert!(kept.report_json.contains(r#""firewall":"no""#));
+
+        // Bad input never reaches the table.
+        assert!(matches!(
+            store.accept_posture_report("dev_1", 0, "{}", 1).await,
+            Err(StoreError::Invalid { .. })
+        ));
+        assert!(matches!(
+            store.accept_posture_report("dev_1", 9, "not json", 1).await,
+            Err(StoreError::Invalid { .. })
+        ));
+        assert!(matches!(
+            store.accept_posture_report("dev_nope", 1, "{}", 1).await,
+            Err(StoreError::NotFound { .. })
+        ));
+
+        // Racing reports from one device: the highest counter wins whatever the order.
+        let mut tasks = Vec::new();
+        for c in 7..=26 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .accept_posture_report("dev_2", c, &json!({"c": c}).to_string(), c)
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            store
+                .latest_posture("dev_2")
+                .await
+                .unwrap()
+                .unwrap()
+                .counter,
+            26
+        );
+
+        // Stale: devices with a live grant whose report is older than the cutoff or missing.
+        for (d, key) in [("dev_1", "k1"), ("dev_2", "k2"), ("dev_3", "k3")] {
+            store
+                .insert_grant(&new_grant(d, "usr_1", key, &["gw_1"], 100_000))
+                .await
+                .unwrap();
+        }
+        // dev_1 reported at 3 000, dev_2 at 26, dev_3 never.
+        assert_eq!(
+            store
+                .devices_with_stale_posture(1_000, 50_000)
+                .await
+                .unwrap(),
+            ["dev_2", "dev_3"]
+        );
+        assert_eq!(
+            store.devices_with_stale_posture(10, 50_000).await.unwrap(),
+            ["dev_3"]
+        );
+        // Grants past their expiry do not count.
+        assert!(
+            store
+                .devices_with_stale_posture(1_000, 200_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         store.close().await;
     })
     .await;

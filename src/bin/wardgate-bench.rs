@@ -156,6 +156,16 @@ enum NodeCmd {
         #[arg(long)]
         key_out: std::path::PathBuf,
     },
+    /// Send this machine's posture report with an enrolled device's certificate and a chosen
+    /// counter (an old one: a replay) and print the controller's answer as JSON.
+    PostureReport {
+        /// The enrolled device's `wardgate` config directory.
+        #[arg(long)]
+        config: std::path::PathBuf,
+        /// The counter the report carries.
+        #[arg(long)]
+        counter: u64,
+    },
     /// Send malformed datagrams to a WireGuard port.
     Junk {
         /// Target.
@@ -256,6 +266,10 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 key_out,
             } => {
                 wardgate::attack::rogue_grant(&config, &resource, &grant_out, &key_out).await?;
+            }
+            NodeCmd::PostureReport { config, counter } => {
+                let a = wardgate::attack::send_posture(&config, counter).await?;
+                println!("{}", serde_json::to_string(&a)?);
             }
             NodeCmd::SynAttack {
                 grant,

@@ -405,6 +405,37 @@ pub fn report(c: &dyn Collector, opts: &Options) -> PostureReport {
     }
 }
 
+/// Collects a report for the given [`Options`]: the seam through which `wardgate connect`
+/// gets its facts, so tests and embedders can substitute their own collection (the default,
+/// [`system_collect`], reads this machine). Called from a blocking thread: it may run
+/// commands.
+pub type CollectFn = std::sync::Arc<dyn Fn(&Options) -> PostureReport + Send + Sync>;
+
+/// Collects from this machine with the platform's collector and real commands.
+pub fn system_collect() -> CollectFn {
+    std::sync::Arc::new(|opts: &Options| {
+        let runner = SystemRunner::default();
+        let collector = platform(Host::system(&runner));
+        report(collector.as_ref(), opts)
+    })
+}
+
+/// Whether two reports say the same about the device: every fact compared, the counter and
+/// the evidence texts (which may word the same fact differently) ignored. A change is what
+/// makes the client report at once instead of waiting for the interval.
+pub fn same_facts(a: &PostureReport, b: &PostureReport) -> bool {
+    a.os == b.os
+        && a.os_version == b.os_version
+        && a.os_name == b.os_name
+        && a.kernel == b.kernel
+        && a.disk_encrypted == b.disk_encrypted
+        && a.firewall == b.firewall
+        && a.screen_lock == b.screen_lock
+        && a.processes == b.processes
+        && a.client_version == b.client_version
+        && a.device_fingerprint == b.device_fingerprint
+}
+
 /// The SHA-256 fingerprint of the device certificate at `path`, the same one the controller
 /// identifies the device by; `None` (with the reason) before enrolment or if it is unreadable.
 pub fn device_fingerprint(path: &Path) -> Finding<Option<String>> {

@@ -17,7 +17,7 @@ use wardgate_common::unix_ms;
 
 use super::api::{Admin, Failure};
 use crate::access::load_policy_set;
-use crate::policy::{AccessRequest, CompiledPolicies, Policy, PolicySet, Resource};
+use crate::policy::{AccessRequest, CompiledPolicies, Policy, PolicySet, PostureProfile, Resource};
 use crate::service::Controller;
 use crate::store::DocKind;
 
@@ -112,6 +112,11 @@ pub fn router() -> Router<Arc<Controller>> {
         .route(
             "/api/v1/policies/{name}",
             put(put_policy).delete(delete_policy),
+        )
+        .route("/api/v1/posture-profiles", get(list_posture_profiles))
+        .route(
+            "/api/v1/posture-profiles/{name}",
+            put(put_posture_profile).delete(delete_posture_profile),
         )
         .route("/api/v1/access/dry-run", post(dry_run))
         .route("/api/v1/grants", get(list_grants))
@@ -329,6 +334,72 @@ async fn delete_policy(
     ctl.store.delete_document(DocKind::Policy, &name).await?;
     ctl.audit(&admin.actor, "admin.policy.delete", &name, "ok", json!({}))
         .await?;
+    after_change(&ctl, &admin.actor);
+    Ok(StatusCode::OK)
+}
+
+async fn list_posture_profiles(
+    _: Admin,
+    State(ctl): State<Arc<Controller>>,
+) -> Result<Json<Vec<PostureProfile>>, Failure> {
+    Ok(Json(load_policy_set(&ctl).await?.posture_profiles))
+}
+
+/// A profile is validated with the whole set (its policies, its own limits) before it is
+/// stored; a stricter profile then re-decides live grants like any policy change, so devices
+/// that no longer comply lose their grants at once, with the reason.
+async fn put_posture_profile(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(p): Json<PostureProfile>,
+) -> Result<Json<PostureProfile>, Failure> {
+    if p.name != name {
+        return Err(bad(format!(
+            "the body names posture profile {:?} but the path {name:?}",
+            p.name
+        )));
+    }
+    let mut set = load_policy_set(&ctl).await?;
+    set.posture_profiles.retain(|x| x.name != name);
+    set.posture_profiles.push(p.clone());
+    validate(&set)?;
+    let spec = serde_json::to_string(&p).map_err(|e| bad(e.to_string()))?;
+    ctl.store
+        .put_document(DocKind::PostureProfile, &name, &spec, now_ms())
+        .await?;
+    ctl.audit(
+        &admin.actor,
+        "admin.posture_profile.put",
+        &name,
+        "ok",
+        json!(p),
+    )
+    .await?;
+    after_change(&ctl, &admin.actor);
+    Ok(Json(p))
+}
+
+/// Refused while a policy names the profile (the set would not validate).
+async fn delete_posture_profile(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    let mut set = load_policy_set(&ctl).await?;
+    set.posture_profiles.retain(|x| x.name != name);
+    validate(&set)?;
+    ctl.store
+        .delete_document(DocKind::PostureProfile, &name)
+        .await?;
+    ctl.audit(
+        &admin.actor,
+        "admin.posture_profile.delete",
+        &name,
+        "ok",
+        json!({}),
+    )
+    .await?;
     after_change(&ctl, &admin.actor);
     Ok(StatusCode::OK)
 }

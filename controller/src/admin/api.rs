@@ -135,31 +135,53 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .with_state(ctl)
 }
 
+async fn current_settings(ctl: &Controller) -> Result<Settings, Failure> {
+    let v = ctl.store.get_setting(SETTING_REQUIRE_APPROVAL).await?;
+    Ok(Settings {
+        enrolment_requires_approval: v.is_some_and(|v| v == "true"),
+        posture_report_interval_ms: u64::try_from(ctl.posture_interval().await.as_millis())
+            .unwrap_or(u64::MAX),
+    })
+}
+
 async fn get_settings(
     _: Admin,
     State(ctl): State<Arc<Controller>>,
 ) -> Result<Json<Settings>, Failure> {
-    let v = ctl.store.get_setting(SETTING_REQUIRE_APPROVAL).await?;
-    Ok(Json(Settings {
-        enrolment_requires_approval: v.is_some_and(|v| v == "true"),
-    }))
+    Ok(Json(current_settings(&ctl).await?))
 }
 
 async fn put_settings(
     admin: Admin,
     State(ctl): State<Arc<Controller>>,
-    Json(s): Json<Settings>,
+    Json(s): Json<SettingsUpdate>,
 ) -> Result<Json<Settings>, Failure> {
-    ctl.store
-        .set_setting(
-            SETTING_REQUIRE_APPROVAL,
-            if s.enrolment_requires_approval {
-                "true"
-            } else {
-                "false"
-            },
-        )
-        .await?;
+    if let Some(ms) = s.posture_report_interval_ms {
+        let (min, max) = (
+            crate::posture::MIN_POSTURE_INTERVAL,
+            crate::posture::MAX_POSTURE_INTERVAL,
+        );
+        if !(min..=max).contains(&std::time::Duration::from_millis(ms)) {
+            return Err(bad_request(format!(
+                "posture_report_interval_ms must be between {} and {}",
+                min.as_millis(),
+                max.as_millis()
+            )));
+        }
+    }
+    if let Some(approval) = s.enrolment_requires_approval {
+        ctl.store
+            .set_setting(
+                SETTING_REQUIRE_APPROVAL,
+                if approval { "true" } else { "false" },
+            )
+            .await?;
+    }
+    if let Some(ms) = s.posture_report_interval_ms {
+        ctl.store
+            .set_setting(crate::posture::SETTING_POSTURE_INTERVAL_MS, &ms.to_string())
+            .await?;
+    }
     ctl.audit(
         &admin.actor,
         "admin.settings.update",
@@ -168,7 +190,7 @@ async fn put_settings(
         json!(s),
     )
     .await?;
-    Ok(Json(s))
+    Ok(Json(current_settings(&ctl).await?))
 }
 
 async fn create_join_token(

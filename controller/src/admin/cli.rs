@@ -58,6 +58,10 @@ pub enum AdminCmd {
     /// Policies (JSON documents: name, groups, resources, conditions).
     #[command(subcommand)]
     Policy(DocCmd),
+    /// Device posture profiles that policies name (JSON documents: name, firewall_required,
+    /// min_os_version, required_processes, max_report_age, …).
+    #[command(subcommand)]
+    PostureProfile(DocCmd),
     /// Would this user get this resource now? Why not?
     DryRun {
         /// The user.
@@ -203,11 +207,15 @@ pub enum UserCmd {
 pub enum SettingsCmd {
     /// Shows the settings.
     Show,
-    /// Changes settings.
+    /// Changes settings; only those given change.
     Set {
-        /// New devices wait for an administrator's approval.
+        /// New devices wait for an administrator's approval (`--enrolment-requires-approval`
+        /// alone means true; give `false` to turn it off).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        enrolment_requires_approval: Option<bool>,
+        /// How often devices report their posture when nothing changes (e.g. `30s`).
         #[arg(long)]
-        enrolment_requires_approval: bool,
+        posture_interval: Option<humantime::Duration>,
     },
 }
 
@@ -583,6 +591,7 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
         },
         AdminCmd::Resource(d) => doc(&c, json, "resources", d).await,
         AdminCmd::Policy(d) => doc(&c, json, "policies", d).await,
+        AdminCmd::PostureProfile(d) => doc(&c, json, "posture-profiles", d).await,
         AdminCmd::DryRun { user, resource } => {
             let r: serde_json::Value = c
                 .post(
@@ -636,32 +645,31 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
         }
         AdminCmd::Settings(SettingsCmd::Show) => {
             let r: Settings = c.get("/api/v1/settings").await?;
-            print(json, &r, |s| {
-                format!(
-                    "enrolment requires approval: {}",
-                    s.enrolment_requires_approval
-                )
-            })
+            print(json, &r, settings_text)
         }
         AdminCmd::Settings(SettingsCmd::Set {
             enrolment_requires_approval,
+            posture_interval,
         }) => {
-            let r: Settings = c
-                .put(
-                    "/api/v1/settings",
-                    &Settings {
-                        enrolment_requires_approval,
-                    },
-                )
-                .await?;
-            print(json, &r, |s| {
-                format!(
-                    "enrolment requires approval: {}",
-                    s.enrolment_requires_approval
-                )
-            })
+            let update = SettingsUpdate {
+                enrolment_requires_approval,
+                posture_report_interval_ms: posture_interval
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            };
+            let r: Settings = c.put("/api/v1/settings", &update).await?;
+            print(json, &r, settings_text)
         }
     }
+}
+
+fn settings_text(s: &Settings) -> String {
+    format!(
+        "enrolment requires approval: {}\nposture report interval: {}",
+        s.enrolment_requires_approval,
+        humantime::format_duration(std::time::Duration::from_millis(
+            s.posture_report_interval_ms
+        ))
+    )
 }
 
 async fn doc(c: &AdminClient, json: bool, kind: &str, cmd: DocCmd) -> anyhow::Result<()> {

@@ -110,4 +110,22 @@ pub struct UserView {
 pub struct Settings {
     /// New devices wait for an administrator's approval.
     pub enrolment_requires_approval: bool,
+    /// How often devices report their posture when nothing changes (ms).
+    #[serde(default = "default_posture_interval_ms")]
+    pub posture_report_interval_ms: u64,
+}
+
+fn default_posture_interval_ms() -> u64 {
+    u64::try_from(crate::posture::DEFAULT_POSTURE_INTERVAL.as_millis()).unwrap_or(30_000)
+}
+
+/// A change of settings: only the fields given change, so setting one never resets another.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SettingsUpdate {
+    /// New devices wait for an administrator's approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolment_requires_approval: Option<bool>,
+    /// How often devices report their posture when nothing changes (ms, 500 to 3 600 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture_report_interval_ms: Option<u64>,
 }

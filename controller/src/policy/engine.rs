@@ -152,6 +152,67 @@ impl CompiledPolicies {
     pub fn explain(&self, request: &AccessRequest, facts: &Facts, now: Timestamp) -> Explanation {
         explain(request, facts, self, now)
     }
+
+    /// How each policy with a posture profile that could apply to the user (one of its groups
+    /// is theirs) judges `facts.posture` at `now`, in policy-set order, so a posture report
+    /// can be audited with pass/fail per policy and the client told what to fix before
+    /// anything is even asked for — without telling a clinician to start a vendor's agent.
+    /// Only the posture checks are made: windows and the rest are for [`decide`].
+    pub fn posture_verdicts(&self, facts: &Facts, now: Timestamp) -> Vec<PostureVerdict> {
+        self.policies
+            .iter()
+            .filter(|p| p.groups.iter().any(|g| facts.in_group(g)))
+            .filter_map(|p| {
+                let profile = p.posture.as_ref()?;
+                let mut sink = Collect::default();
+                check_posture(profile, p.max_report_age, facts, now, &mut sink);
+                Some(PostureVerdict {
+                    policy: p.name.to_string(),
+                    profile: profile.name.clone(),
+                    pass: sink.reasons.is_empty(),
+                    reasons: sink.reasons,
+                })
+            })
+            .collect()
+    }
+
+    /// The shortest maximum report age of any policy with a posture profile (`None`: no
+    /// policy checks posture). A report younger than this is fresh for every policy, so a
+    /// staleness sweep needs to look only at devices whose report is older.
+    pub fn shortest_report_age(&self) -> Option<SignedDuration> {
+        self.policies
+            .iter()
+            .filter(|p| p.posture.is_some())
+            .map(|p| p.max_report_age)
+            .min()
+    }
+
+    /// Every process name some posture profile requires, sorted and without repeats, so the
+    /// client knows what to look for.
+    pub fn required_processes(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .policies
+            .iter()
+            .filter_map(|p| p.posture.as_ref())
+            .flat_map(|p| p.required_processes.iter().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// One policy's verdict on a device's posture ([`CompiledPolicies::posture_verdicts`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostureVerdict {
+    /// The policy.
+    pub policy: String,
+    /// Its posture profile.
+    pub profile: String,
+    /// Whether the posture satisfies the profile.
+    pub pass: bool,
+    /// Every failed posture check (empty when it passes).
+    pub reasons: Vec<DenyReason>,
 }
 
 /// Durations beyond `SignedDuration`'s range (about 292 billion years) are clamped.

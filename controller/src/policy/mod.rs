@@ -60,7 +60,8 @@ mod tests;
 
 pub use decision::{Bound, Decision, DenyReason, GrantBounds};
 pub use engine::{
-    Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation, decide, explain,
+    Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation, PostureVerdict,
+    decide, explain,
 };
 pub use model::{Conditions, Policy, PolicySet, Resource};
 pub use posture::{PostureProfile, PostureReport, Tri, Version, VersionError};

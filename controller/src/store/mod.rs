@@ -33,6 +33,7 @@ mod gateways;
 mod grants;
 mod groups;
 mod join_tokens;
+mod posture;
 mod users;
 
 pub use admin_tokens::AdminToken;
@@ -47,6 +48,7 @@ pub use gateways::{Gateway, GatewayStatus};
 pub use grants::{Grant, GrantStatus, NewGrant};
 pub use groups::Group;
 pub use join_tokens::JoinToken;
+pub use posture::{PostureAccept, StoredPosture};
 pub use users::User;
 
 use sqlx::any::AnyPoolOptions;
