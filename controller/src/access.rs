@@ -170,7 +170,9 @@ impl PolicyCache {
     }
 }
 
-/// Gathers the facts the engine decides on for `device_id` now.
+/// Gathers the facts the engine decides on for `device_id` now, from the device, its owner
+/// and the device's live login session (groups and MFA as that login established them; the
+/// session's end bounds every grant). No live session → `LoginRequired`.
 pub async fn facts_for(
     ctl: &Controller,
     device_id: &str,
@@ -193,17 +195,21 @@ pub async fn facts_for(
                 "the account of this device is gone",
             )
         })?;
-    let groups = ctl.store.groups_of_user(&user.id).await.map_err(internal)?;
+    let session = ctl.live_session(device_id, now).await?;
+    let groups = match &session.groups {
+        Some(g) => g.clone(),
+        None => ctl.store.groups_of_user(&user.id).await.map_err(internal)?,
+    };
+    // The request itself is use, so the idle end counts from now.
+    let ends = session
+        .expires_ms
+        .min(now.saturating_add(session.idle_timeout_ms));
     let facts = Facts {
         groups,
-        // Local users have no second factor yet (TOTP comes with the identity work), so
-        // policies that require MFA deny them, with that reason.
-        mfa: false,
-        // The device's mutually authenticated connection is the session for local users;
-        // OIDC login sessions with lifetimes come with the identity work.
+        mfa: session.mfa,
         session: Session {
-            started_at: ts(now),
-            expires_at: None,
+            started_at: ts(session.created_ms),
+            expires_at: Some(ts(ends)),
         },
         device: device.status,
         user_disabled: user.disabled,
@@ -422,6 +428,10 @@ impl Controller {
         {
             self.end_grants(vec![prev], "renewed", &actor, false).await;
         }
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
+            // A grant is use: the idle clock starts again.
+            let _ = self.store.touch_session(&sess.id, now).await;
+        }
         info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
         Ok(ClientGrant {
             grant_id: grant.wire_id(),
@@ -594,8 +604,13 @@ impl Controller {
         };
         let mut ended = 0;
         for g in grants {
-            let Ok((user, facts)) = facts_for(self, &g.device_id, now).await else {
-                continue;
+            let (user, facts) = match facts_for(self, &g.device_id, now).await {
+                Ok(f) => f,
+                Err(e) if e.code == ErrorCode::LoginRequired => {
+                    ended += self.end_grants(vec![g], &e.message, actor, true).await;
+                    continue;
+                }
+                Err(_) => continue,
             };
             let request = AccessRequest {
                 user: user.username,

@@ -108,6 +108,47 @@ pub async fn init(dir: &DataDir, opts: &InitOptions) -> anyhow::Result<InitOutco
     })
 }
 
+/// How often ended sessions and expired grants are swept. Gateways drop expired grants by
+/// their own clocks; the sweep is what ends grants whose session ended early (idle) and tells
+/// the device why, so a second is plenty and cheap (two indexed updates).
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads `identity.json` (if present) and builds the ID-token verifier for its providers.
+/// A bad file stops the start with the fix named, rather than failing at the first login.
+fn load_identity(dir: &DataDir) -> anyhow::Result<Option<Arc<crate::identity::Verifier>>> {
+    use crate::identity::{CacheOptions, IdentityFile, Providers, Verifier, http_client};
+    let path = dir.identity();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = files::read_public(&path)?;
+    let file: IdentityFile = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid identity configuration: {e}", path.display()))?;
+    if file.providers.is_empty() {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &file.ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("cannot read the IdP CA file {}: {e}", ca.display()))?;
+        for c in pki::certs_from_pem("IdP CA", &pem)? {
+            roots
+                .add(c)
+                .map_err(|e| anyhow::anyhow!("IdP CA file {}: {e}", ca.display()))?;
+        }
+    }
+    let providers = Providers::new(file.providers)?;
+    let names: Vec<String> = providers.all().iter().map(|p| p.name.clone()).collect();
+    let http = http_client(roots, CacheOptions::default().http_timeout)?;
+    info!(providers = ?names, "trusting identity providers");
+    Ok(Some(Arc::new(Verifier::new(
+        providers,
+        http,
+        CacheOptions::default(),
+    ))))
+}
+
 /// A controller that is listening.
 pub struct Running {
     /// Bound QUIC address.
@@ -155,7 +196,8 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
     let key_der = pki::key_from_pem("controller key", key_pem.as_bytes())?;
 
     let store = Store::open(&config.database_url).await?;
-    let controller = Controller::new(store, ca);
+    let verifier = load_identity(dir)?;
+    let controller = Controller::with_verifier(store, ca, verifier);
 
     let quic_cfg =
         wardgate_common::tls::server_config(chain.clone(), key_der.clone_key(), &ca_der)?;
@@ -186,7 +228,22 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
     files::write_public(&dir.endpoints(), &serde_json::to_vec_pretty(&ep)?)?;
     info!(quic = %quic_addr, admin = %admin_addr, backend = ?controller.store.backend(), "controller serving");
 
+    let sweeper = {
+        let ctl = controller.clone();
+        let mut cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => ctl.sweep().await,
+                    _ = cancel.cancelled() => break,
+                }
+            }
+        })
+    };
     let tasks = vec![
+        sweeper,
         tokio::spawn(crate::quic::serve(
             controller.clone(),
             endpoint,

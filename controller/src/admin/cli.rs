@@ -196,6 +196,12 @@ pub enum UserCmd {
         /// User name.
         username: String,
     },
+    /// Enrols (or replaces) a local user's TOTP second factor: prints the otpauth:// URI for
+    /// the authenticator app, and the secret for typing in by hand. Shown once.
+    TotpEnrol {
+        /// User name.
+        username: String,
+    },
 }
 
 /// Settings commands.
@@ -205,9 +211,25 @@ pub enum SettingsCmd {
     Show,
     /// Changes settings.
     Set {
-        /// New devices wait for an administrator's approval.
+        /// New devices wait for an administrator's approval (`--enrolment-requires-approval`
+        /// alone means true).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+        enrolment_requires_approval: Option<bool>,
+        /// Longest a login session lasts, e.g. 12h.
         #[arg(long)]
-        enrolment_requires_approval: bool,
+        session_lifetime: Option<String>,
+        /// A session without a new grant this long ends, e.g. 1h.
+        #[arg(long)]
+        session_idle_timeout: Option<String>,
+        /// Failed local logins within the window that lock the user name.
+        #[arg(long)]
+        lockout_threshold: Option<u32>,
+        /// The window failed logins are counted in, e.g. 15m.
+        #[arg(long)]
+        lockout_window: Option<String>,
+        /// How long a locked user name stays locked, e.g. 15m.
+        #[arg(long)]
+        lockout_period: Option<String>,
     },
 }
 
@@ -515,6 +537,22 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                 s
             })
         }
+        AdminCmd::User(UserCmd::TotpEnrol { username }) => {
+            let r: TotpEnrolled = c
+                .post(&format!("/api/v1/users/{username}/totp"), &())
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"username": r.username, "secret": r.secret.expose(), "uri": r.uri})
+                );
+            } else {
+                println!("TOTP enrolled for {} (shown once):", r.username);
+                println!("{}", r.uri);
+                println!("secret: {}", r.secret.expose());
+            }
+            Ok(())
+        }
         AdminCmd::User(UserCmd::Disable { username }) => {
             let r: serde_json::Value = c
                 .post(&format!("/api/v1/users/{username}/disable"), &())
@@ -636,32 +674,45 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
         }
         AdminCmd::Settings(SettingsCmd::Show) => {
             let r: Settings = c.get("/api/v1/settings").await?;
-            print(json, &r, |s| {
-                format!(
-                    "enrolment requires approval: {}",
-                    s.enrolment_requires_approval
-                )
-            })
+            print(json, &r, settings_text)
         }
         AdminCmd::Settings(SettingsCmd::Set {
             enrolment_requires_approval,
+            session_lifetime,
+            session_idle_timeout,
+            lockout_threshold,
+            lockout_window,
+            lockout_period,
         }) => {
             let r: Settings = c
                 .put(
                     "/api/v1/settings",
-                    &Settings {
+                    &SettingsUpdate {
                         enrolment_requires_approval,
+                        session_lifetime,
+                        session_idle_timeout,
+                        lockout_threshold,
+                        lockout_window,
+                        lockout_period,
                     },
                 )
                 .await?;
-            print(json, &r, |s| {
-                format!(
-                    "enrolment requires approval: {}",
-                    s.enrolment_requires_approval
-                )
-            })
+            print(json, &r, settings_text)
         }
     }
+}
+
+fn settings_text(s: &Settings) -> String {
+    let o = |v: &Option<String>| v.clone().unwrap_or_default();
+    format!(
+        "enrolment requires approval: {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}",
+        s.enrolment_requires_approval,
+        o(&s.session_lifetime),
+        o(&s.session_idle_timeout),
+        s.lockout_threshold.unwrap_or_default(),
+        o(&s.lockout_window),
+        o(&s.lockout_period)
+    )
 }
 
 async fn doc(c: &AdminClient, json: bool, kind: &str, cmd: DocCmd) -> anyhow::Result<()> {

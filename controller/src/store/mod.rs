@@ -32,6 +32,7 @@ mod error;
 mod gateways;
 mod grants;
 mod groups;
+mod identity;
 mod join_tokens;
 mod users;
 
@@ -46,6 +47,7 @@ pub use error::{ConsumeTokenError, ParseStatusError, StoreError};
 pub use gateways::{Gateway, GatewayStatus};
 pub use grants::{Grant, GrantStatus, NewGrant};
 pub use groups::Group;
+pub use identity::{LoginMethod, Session, Throttle};
 pub use join_tokens::JoinToken;
 pub use users::User;
 
