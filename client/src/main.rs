@@ -259,9 +259,16 @@ async fn real_main() -> anyhow::Result<()> {
                     "Logged in as {} ({}{}), multi-factor: {}, groups: {}; session until {}",
                     s.username,
                     s.method,
-                    s.provider.as_deref().map(|p| format!(" via {p}")).unwrap_or_default(),
+                    s.provider
+                        .as_deref()
+                        .map(|p| format!(" via {p}"))
+                        .unwrap_or_default(),
                     if s.mfa { "yes" } else { "no" },
-                    if s.groups.is_empty() { "none".to_owned() } else { s.groups.join(", ") },
+                    if s.groups.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        s.groups.join(", ")
+                    },
                     fmt_ms(s.expires_at_ms)
                 );
             }

@@ -394,13 +394,25 @@ async fn callback(sock: &mut tokio::net::TcpStream, state: &str) -> Callback {
     let got_state = q.get("state").map(String::as_str).unwrap_or_default();
     if !bool::from(subtle_eq(got_state.as_bytes(), state.as_bytes())) {
         let _ = sock
-            .write_all(reply("400 Bad Request", "<p>This is not the login Wardgate started. Close this window.</p>").as_bytes())
+            .write_all(
+                reply(
+                    "400 Bad Request",
+                    "<p>This is not the login Wardgate started. Close this window.</p>",
+                )
+                .as_bytes(),
+            )
             .await;
         return Callback::Failed(OidcError::StateMismatch);
     }
     if let Some(error) = q.get("error") {
         let _ = sock
-            .write_all(reply("200 OK", "<p>The login was refused. You can close this window.</p>").as_bytes())
+            .write_all(
+                reply(
+                    "200 OK",
+                    "<p>The login was refused. You can close this window.</p>",
+                )
+                .as_bytes(),
+            )
             .await;
         return Callback::Failed(OidcError::Refused {
             error: error.clone(),
@@ -408,7 +420,9 @@ async fn callback(sock: &mut tokio::net::TcpStream, state: &str) -> Callback {
         });
     }
     let Some(code) = q.get("code") else {
-        let _ = sock.write_all(reply("400 Bad Request", "").as_bytes()).await;
+        let _ = sock
+            .write_all(reply("400 Bad Request", "").as_bytes())
+            .await;
         return Callback::Failed(OidcError::Refused {
             error: "no code".into(),
             description: "the callback carried no authorization code".into(),
@@ -469,8 +483,8 @@ async fn device_flow(
         eprintln!("  (or open {c})");
     }
     let mut interval = Duration::from_secs(a.interval.unwrap_or(5).clamp(1, 60));
-    let deadline = tokio::time::Instant::now()
-        + Duration::from_secs(a.expires_in.unwrap_or(600).min(3600));
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(a.expires_in.unwrap_or(600).min(3600));
     loop {
         tokio::time::sleep(interval).await;
         if tokio::time::Instant::now() > deadline {

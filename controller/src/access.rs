@@ -32,6 +32,8 @@ use crate::store::{DocKind, Grant, GrantStatus, NewAuditEvent, NewGrant, StoreEr
 
 /// The pool device tunnel addresses come from; the first host is the gateways' own.
 pub const TUNNEL_POOL: &str = "100.64.0.0/10";
+/// The shortest grant worth issuing: less would expire on its way to the gateways.
+const MIN_GRANT_MS: i64 = 2_000;
 /// How long a gateway may take to confirm a pushed change.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -281,9 +283,18 @@ impl Controller {
             }
             Decision::Allow { expires_at, .. } => *expires_at,
         };
-        let Decision::Allow { policy, .. } = &decision else {
+        let Decision::Allow { policy, bounds, .. } = &decision else {
             return Err(internal("unreachable decision"));
         };
+        // A grant that would end before it reaches the gateways is no grant: when the login
+        // session is what ends it, say so instead of failing at the gateway.
+        if expires_at.as_millisecond() - now < MIN_GRANT_MS
+            && bounds.session_end.as_millisecond() <= expires_at.as_millisecond()
+        {
+            return Err(crate::login::login_required(
+                "your login session is about to end",
+            ));
+        }
         let res = policies
             .resource(resource)
             .ok_or_else(|| {
@@ -632,7 +643,9 @@ impl Controller {
         ended
     }
 
-    /// Marks expired grants as ended (gateways drop them by their own clocks already).
+    /// Marks expired grants as ended and takes their peers off the gateways. The gateways
+    /// stopped passing their traffic at expiry by their own clocks already; the removal frees
+    /// the entry there.
     pub async fn sweep_expired(&self) {
         if let Ok(expired) = self.store.expire_grants(now_ms()).await {
             for g in expired {
@@ -645,6 +658,17 @@ impl Controller {
                         json!({"device": g.device_id, "resource": g.resource}),
                     )
                     .await;
+                for gw in &g.gateway_ids {
+                    if let Some(l) = self.registry.link(&format!("gateway:{gw}")) {
+                        let push = Push::RemoveGrant {
+                            grant_id: g.wire_id(),
+                            reason: "expired".into(),
+                        };
+                        if let Err(e) = l.push(push, ACK_TIMEOUT).await {
+                            warn!(grant = g.id, gateway = %gw, error = %e, "gateway did not confirm the removal of an expired grant");
+                        }
+                    }
+                }
             }
         }
     }

@@ -334,8 +334,12 @@ impl Controller {
                     .await);
             }
             (Some(secret), Some(code)) => {
-                let key = totp::decode_secret(secret)
-                    .ok_or_else(|| internal(format!("user {}: stored TOTP secret is not base32", user.id)))?;
+                let key = totp::decode_secret(secret).ok_or_else(|| {
+                    internal(format!(
+                        "user {}: stored TOTP secret is not base32",
+                        user.id
+                    ))
+                })?;
                 let unix_s = now.div_euclid(1000);
                 let Some(step) = totp::matching_step(&key, code, unix_s) else {
                     return Err(self
@@ -462,10 +466,7 @@ impl Controller {
     /// The Wardgate user for a verified identity: found by (issuer, subject), or created
     /// with the provider's user name (prefixed with the provider's name when a different
     /// user already has it, so an IdP can never take over a local account by naming it).
-    async fn provision(
-        &self,
-        id: &crate::identity::VerifiedIdentity,
-    ) -> Result<User, WireError> {
+    async fn provision(&self, id: &crate::identity::VerifiedIdentity) -> Result<User, WireError> {
         if let Some(u) = self
             .store
             .user_by_oidc(&id.issuer, &id.subject)
@@ -614,7 +615,9 @@ impl Controller {
             .map_err(internal)?;
             return Err(err);
         }
-        Ok(Response::LoggedIn(self.open_session(&who, &device.id).await?))
+        Ok(Response::LoggedIn(
+            self.open_session(&who, &device.id).await?,
+        ))
     }
 
     /// The device's live session, or the error telling the user to log in again.
@@ -641,10 +644,7 @@ impl Controller {
         match self.store.end_lapsed_sessions(now).await {
             Ok(ended) => {
                 for s in ended {
-                    let reason = s
-                        .end_reason
-                        .clone()
-                        .unwrap_or_else(|| "ended".into());
+                    let reason = s.end_reason.clone().unwrap_or_else(|| "ended".into());
                     let _ = self
                         .audit(
                             "system",

@@ -122,8 +122,12 @@ fn load_identity(dir: &DataDir) -> anyhow::Result<Option<Arc<crate::identity::Ve
         return Ok(None);
     }
     let bytes = files::read_public(&path)?;
-    let file: IdentityFile = serde_json::from_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("{} is not a valid identity configuration: {e}", path.display()))?;
+    let file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid identity configuration: {e}",
+            path.display()
+        )
+    })?;
     if file.providers.is_empty() {
         return Ok(None);
     }

@@ -56,7 +56,11 @@ pub fn step_of(unix_s: i64) -> i64 {
 /// The 6-digit code of `key` at Unix second `unix_s`, zero-padded (for tests and tooling).
 pub fn code_at(key: &[u8], unix_s: i64) -> String {
     let step = u64::try_from(step_of(unix_s)).unwrap_or(0);
-    format!("{:0width$}", hotp(key, step, DIGITS), width = DIGITS as usize)
+    format!(
+        "{:0width$}",
+        hotp(key, step, DIGITS),
+        width = DIGITS as usize
+    )
 }
 
 /// Which step within ±[`SKEW_STEPS`] of `unix_s` the `code` belongs to, if any. Compared in
@@ -71,7 +75,10 @@ pub fn matching_step(key: &[u8], code: &str, unix_s: i64) -> Option<i64> {
     for step in now - SKEW_STEPS..=now + SKEW_STEPS {
         let Ok(s) = u64::try_from(step) else { continue };
         let want = format!("{:0width$}", hotp(key, s, DIGITS), width = DIGITS as usize);
-        if bool::from(subtle::ConstantTimeEq::ct_eq(want.as_bytes(), code.as_bytes())) {
+        if bool::from(subtle::ConstantTimeEq::ct_eq(
+            want.as_bytes(),
+            code.as_bytes(),
+        )) {
             found = Some(step);
         }
     }

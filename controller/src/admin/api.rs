@@ -241,7 +241,10 @@ async fn put_settings(
     let threshold = s.lockout_threshold.map(|n| n.to_string());
     let changes: Vec<(&str, Option<&str>)> = vec![
         (setting::SESSION_LIFETIME, s.session_lifetime.as_deref()),
-        (setting::SESSION_IDLE_TIMEOUT, s.session_idle_timeout.as_deref()),
+        (
+            setting::SESSION_IDLE_TIMEOUT,
+            s.session_idle_timeout.as_deref(),
+        ),
         (setting::LOCKOUT_THRESHOLD, threshold.as_deref()),
         (setting::LOCKOUT_WINDOW, s.lockout_window.as_deref()),
         (setting::LOCKOUT_PERIOD, s.lockout_period.as_deref()),
@@ -591,13 +594,17 @@ async fn enrol_totp(
     State(ctl): State<Arc<Controller>>,
     Path(username): Path<String>,
 ) -> Result<Json<TotpEnrolled>, Failure> {
-    let user = ctl.store.user_by_username(&username).await?.ok_or_else(|| {
-        Failure(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no user named {username}"),
-        )
-    })?;
+    let user = ctl
+        .store
+        .user_by_username(&username)
+        .await?
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no user named {username}"),
+            )
+        })?;
     if user.password_hash.is_none() {
         return Err(bad_request(format!(
             "{username} signs in with an identity provider; its second factor is the provider's"

@@ -190,7 +190,10 @@ impl Verifier {
         let id = self.verify(token, expected_nonce).await?;
         if id.nonce.is_none() {
             use sha2::Digest as _;
-            let key = format!("token:{}", hex::encode(sha2::Sha256::digest(token.as_bytes())));
+            let key = format!(
+                "token:{}",
+                hex::encode(sha2::Sha256::digest(token.as_bytes()))
+            );
             let leeway = self
                 .slots
                 .iter()

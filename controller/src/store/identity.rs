@@ -147,13 +147,12 @@ impl Store {
 
     /// Sets (or replaces) a user's TOTP secret; codes accepted before no longer count.
     pub async fn set_user_totp(&self, user_id: &str, secret: &str) -> Result<(), StoreError> {
-        let r = sqlx::query(
-            "UPDATE users SET totp_secret = $1, totp_last_step = NULL WHERE id = $2",
-        )
-        .bind(secret)
-        .bind(user_id)
-        .execute(&self.pool)
-        .await?;
+        let r =
+            sqlx::query("UPDATE users SET totp_secret = $1, totp_last_step = NULL WHERE id = $2")
+                .bind(secret)
+                .bind(user_id)
+                .execute(&self.pool)
+                .await?;
         if r.rows_affected() == 0 {
             return Err(StoreError::NotFound {
                 what: format!("user {user_id}"),
@@ -183,13 +182,12 @@ impl Store {
         issuer: &str,
         subject: &str,
     ) -> Result<Option<User>, StoreError> {
-        let id: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM users WHERE oidc_issuer = $1 AND oidc_subject = $2",
-        )
-        .bind(issuer)
-        .bind(subject)
-        .fetch_optional(&self.pool)
-        .await?;
+        let id: Option<String> =
+            sqlx::query_scalar("SELECT id FROM users WHERE oidc_issuer = $1 AND oidc_subject = $2")
+                .bind(issuer)
+                .bind(subject)
+                .fetch_optional(&self.pool)
+                .await?;
         match id {
             Some(id) => self.user_by_id(&id).await,
             None => Ok(None),
