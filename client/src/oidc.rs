@@ -392,7 +392,7 @@ async fn callback(sock: &mut tokio::net::TcpStream, state: &str) -> Callback {
     };
     let q: std::collections::HashMap<String, String> = u.query_pairs().into_owned().collect();
     let got_state = q.get("state").map(String::as_str).unwrap_or_default();
-    if !bool::from(subtle_eq(got_state.as_bytes(), state.as_bytes())) {
+    if !subtle_eq(got_state.as_bytes(), state.as_bytes()) {
         let _ = sock
             .write_all(
                 reply(
