@@ -424,6 +424,33 @@ impl Idp {
         bail!("more than 20 redirects from {url}")
     }
 
+    /// Plays the user's browser for a login the `wardgate` client started: opens `url` (the one
+    /// the client printed) with `login_hint=account` added, follows the IdP's redirects, and
+    /// delivers the final redirect to the client's loopback callback, as a browser would.
+    /// Returns the HTTP status the client's callback answered.
+    pub async fn browse_as(&self, url: &str, account: &str) -> anyhow::Result<u16> {
+        let mut u = Url::parse(url)?;
+        let redirect_uri = u
+            .query_pairs()
+            .find(|(k, _)| k == "redirect_uri")
+            .map(|(_, v)| v.into_owned())
+            .context("the login URL has no redirect_uri")?;
+        u.query_pairs_mut().append_pair("login_hint", account);
+        let cb = self.follow(u.as_str(), &redirect_uri).await?;
+        let mut params = vec![("code", cb.code.as_str()), ("state", cb.state.as_str())];
+        if let Some(iss) = &cb.iss {
+            params.push(("iss", iss.as_str()));
+        }
+        let deliver = Url::parse_with_params(&redirect_uri, &params)?;
+        let resp = self
+            .http
+            .get(deliver)
+            .send()
+            .await
+            .context("delivering the callback to the client's loopback listener")?;
+        Ok(resp.status().as_u16())
+    }
+
     /// Exchanges an authorization code (with the request's PKCE verifier) at the token
     /// endpoint. The IdP's refusal comes back as an [`OAuthError`].
     pub async fn exchange_code(&self, req: &AuthRequest, code: &str) -> anyhow::Result<Tokens> {

@@ -209,7 +209,8 @@ fn enrolment_waits_for_approval_and_denial_is_clear() {
         .expect("enrol");
     assert!(!r.ok);
     assert!(
-        r.stderr.contains("user name or password is wrong"),
+        r.stderr
+            .contains("user name, password or one-time code is wrong"),
         "{}",
         r.stderr
     );

@@ -151,9 +151,7 @@ pub async fn enrol(dir: &ConfigDir, opts: EnrolOptions) -> Result<EnrolOutcome, 
             files::write_public(&dir.ca(), &opts.ca_pem)?;
             let cfg = tls::client_config(&ca, None)?;
             let mut client = ControlClient::connect(&opts.controller, cfg, &software()).await?;
-            let username = match &opts.login {
-                Login::Local { username, .. } => username.clone(),
-            };
+            let username = opts.login.local_username().unwrap_or_default().to_owned();
             let answer = client
                 .request(Request::EnrolDevice(EnrolDevice {
                     login: opts.login,
@@ -169,12 +167,14 @@ pub async fn enrol(dir: &ConfigDir, opts: EnrolOptions) -> Result<EnrolOutcome, 
                     device_id,
                     cert_pem,
                     ca_pem,
+                    session,
                 } => {
                     let mut rec = DeviceRecord {
                         controller: opts.controller,
                         device_id,
                         device_name: opts.device_name,
-                        username,
+                        // The controller names OIDC users; the login alone does not.
+                        username: session.map_or(username, |s| s.username),
                         enrolment: Enrolment::Pending,
                     };
                     store_cert(dir, &mut rec, &cert_pem, &ca_pem)?;

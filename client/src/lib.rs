@@ -14,6 +14,7 @@ pub mod connect;
 pub mod datapath;
 pub mod enrol;
 pub mod login;
+pub mod oidc;
 pub mod posture;
 pub mod state;
 pub mod status;

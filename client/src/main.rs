@@ -38,18 +38,20 @@ enum Cmd {
         /// The controller's CA certificate, as handed out by your IT team.
         #[arg(long)]
         ca: PathBuf,
-        /// Your user name.
-        #[arg(long)]
-        user: String,
-        /// Read the password from the first line of stdin (else WARDGATE_PASSWORD, else a prompt).
-        #[arg(long)]
-        password_stdin: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
         /// A name for this device (default: the host name).
         #[arg(long)]
         device_name: Option<String>,
         /// How long to wait for an administrator's approval (0 = don't wait).
         #[arg(long, default_value = "10m")]
         wait: humantime::Duration,
+    },
+    /// Logs in again on this enrolled device: a new login session (connects need one; it
+    /// ends after the session lifetime or when idle).
+    Login {
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Shows enrolment and connection state, grants with time left, and the last denial.
     Status,
@@ -115,6 +117,77 @@ enum Cmd {
     },
 }
 
+/// How the user logs in: a local user (password, one-time code) or an OpenID provider.
+#[derive(Debug, clap::Args)]
+struct AuthArgs {
+    /// Your user name (local users; default for `login`: the device's user).
+    #[arg(long)]
+    user: Option<String>,
+    /// Read the password from the first line of stdin, and the one-time code from the second
+    /// line if there is one (else WARDGATE_PASSWORD, else a prompt).
+    #[arg(long)]
+    password_stdin: bool,
+    /// The current one-time code from your authenticator app (accounts with TOTP).
+    #[arg(long, env = "WARDGATE_TOTP", hide_env_values = true)]
+    totp: Option<String>,
+    /// Log in with this OpenID provider (its issuer URL) instead of a local user.
+    #[arg(long, value_name = "ISSUER")]
+    oidc: Option<String>,
+    /// Wardgate's client id at the OpenID provider.
+    #[arg(long, default_value = wardgate_client::oidc::DEFAULT_CLIENT_ID)]
+    client_id: String,
+    /// Scopes to ask the OpenID provider for.
+    #[arg(long, default_value = wardgate_client::oidc::DEFAULT_SCOPE)]
+    scope: String,
+    /// Use the device flow (enter a code on another device) instead of a browser.
+    #[arg(long)]
+    device: bool,
+    /// Only print the login URL; do not try to open a browser.
+    #[arg(long)]
+    no_browser: bool,
+    /// Give up on an OpenID login after this long.
+    #[arg(long, default_value = "5m")]
+    login_timeout: humantime::Duration,
+}
+
+/// Builds the login from the arguments (running the OpenID flow when asked).
+async fn make_login(
+    auth: AuthArgs,
+    default_user: Option<String>,
+) -> anyhow::Result<wardgate_common::proto::Login> {
+    if let Some(issuer) = auth.oidc {
+        let opts = wardgate_client::oidc::OidcOptions {
+            issuer,
+            client_id: auth.client_id,
+            scope: auth.scope,
+            device: auth.device,
+            open_browser: !auth.no_browser,
+            timeout: auth.login_timeout.into(),
+        };
+        return Ok(wardgate_client::oidc::login(&opts).await?);
+    }
+    let user = auth
+        .user
+        .or(default_user)
+        .context("give --user NAME (or --oidc ISSUER to log in with an identity provider)")?;
+    let mut totp = auth.totp.map(Secret::new);
+    let source = if auth.password_stdin {
+        let mut stdin = std::io::stdin().lock();
+        let mut line = String::new();
+        stdin.read_line(&mut line)?;
+        let mut code = String::new();
+        if totp.is_none() && stdin.read_line(&mut code).unwrap_or(0) > 0 {
+            totp = Some(Secret::new(code.trim()));
+        }
+        PasswordSource::Given(Secret::new(line.trim_end_matches(['\r', '\n'])))
+    } else if let Ok(p) = std::env::var("WARDGATE_PASSWORD") {
+        PasswordSource::Given(Secret::new(p))
+    } else {
+        PasswordSource::Prompt
+    };
+    Ok(login::local(&user, source, totp)?)
+}
+
 fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -146,21 +219,11 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Enrol {
             controller,
             ca,
-            user,
-            password_stdin,
+            auth,
             device_name,
             wait,
         } => {
-            let source = if password_stdin {
-                let mut line = String::new();
-                std::io::stdin().lock().read_line(&mut line)?;
-                PasswordSource::Given(Secret::new(line.trim_end_matches(['\r', '\n'])))
-            } else if let Ok(p) = std::env::var("WARDGATE_PASSWORD") {
-                PasswordSource::Given(Secret::new(p))
-            } else {
-                PasswordSource::Prompt
-            };
-            let login = login::local(&user, source)?;
+            let login = make_login(auth, None).await?;
             let ca_pem =
                 std::fs::read(&ca).with_context(|| format!("cannot read {}", ca.display()))?;
             let out = enrol::enrol(
@@ -182,6 +245,31 @@ async fn real_main() -> anyhow::Result<()> {
                 println!(
                     "Enrolled as device {} ({}) for {}",
                     rec.device_id, rec.device_name, rec.username
+                );
+            }
+        }
+        Cmd::Login { auth } => {
+            let default_user = dir.load()?.map(|r| r.username).filter(|u| !u.is_empty());
+            let login = make_login(auth, default_user).await?;
+            let s = login::relogin(&dir, login).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "Logged in as {} ({}{}), multi-factor: {}, groups: {}; session until {}",
+                    s.username,
+                    s.method,
+                    s.provider
+                        .as_deref()
+                        .map(|p| format!(" via {p}"))
+                        .unwrap_or_default(),
+                    if s.mfa { "yes" } else { "no" },
+                    if s.groups.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        s.groups.join(", ")
+                    },
+                    fmt_ms(s.expires_at_ms)
                 );
             }
         }

@@ -86,6 +86,12 @@ pub enum Request {
     /// A gateway asks for every live grant it must enforce (after (re)connecting, before it
     /// passes traffic).
     SyncGrants,
+    /// An enrolled device's user logs in again: a new login session for this device (the
+    /// previous one ends). Connects need a live session.
+    Login {
+        /// How the user proves who they are; must be the device's owner.
+        login: Login,
+    },
     /// A gateway reports what its filter dropped since its last report, so every refused
     /// packet ends up in the audit log (summed per grant and reason, not one row per packet).
     ReportDrops {
@@ -149,7 +155,7 @@ pub struct EnrolDevice {
     pub hostname: String,
 }
 
-/// How a user proves who they are. OIDC joins this enum later.
+/// How a user proves who they are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum Login {
@@ -159,7 +165,51 @@ pub enum Login {
         username: String,
         /// The password; only ever sent over the server-authenticated QUIC channel.
         password: Secret,
+        /// The current one-time code (RFC 6238) for users with TOTP enrolled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        totp: Option<Secret>,
     },
+    /// A user of an OpenID provider: the client ran the code + PKCE flow or the device grant
+    /// and hands over the ID token only. Access and refresh tokens stay out of Wardgate.
+    Oidc {
+        /// The ID token as the IdP's token endpoint returned it.
+        id_token: Secret,
+        /// The nonce the client put in the authorization request (`None` for the device
+        /// grant, which has none); the token must carry exactly it, and only once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nonce: Option<String>,
+    },
+}
+
+impl Login {
+    /// The user name as the client knows it before the controller has said (local users), or
+    /// `None` for OIDC (the controller names the user from the token).
+    pub fn local_username(&self) -> Option<&str> {
+        match self {
+            Login::Local { username, .. } => Some(username),
+            Login::Oidc { .. } => None,
+        }
+    }
+}
+
+/// A login session as the controller made it: who, how, and until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// The Wardgate user name.
+    pub username: String,
+    /// `local` or `oidc`.
+    pub method: String,
+    /// The identity provider's name (OIDC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Whether the login was multi-factor.
+    pub mfa: bool,
+    /// The user's groups at login.
+    pub groups: Vec<String>,
+    /// When the session ends at the latest (ms since the epoch); policies may end it earlier.
+    pub expires_at_ms: i64,
+    /// The session also ends after this long without a new grant (ms).
+    pub idle_timeout_ms: i64,
 }
 
 /// A secret string (password, token): serialised as a plain string, but its `Debug` never shows
@@ -262,7 +312,12 @@ pub enum Response {
         cert_pem: String,
         /// The controller's CA, to pin.
         ca_pem: String,
+        /// The login session the enrolment's login opened.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<SessionInfo>,
     },
+    /// A login session was opened.
+    LoggedIn(SessionInfo),
     /// An administrator must approve the device first.
     EnrolPending {
         /// The device's id, to tell the administrator.
@@ -416,6 +471,16 @@ pub enum ErrorCode {
     /// A posture report's counter is not above the last accepted one: an old report replayed
     /// (or reordered); it was refused and audited.
     ReportReplayed,
+    /// Too many failed logins: the account is locked for a while (the message says until
+    /// when).
+    LockedOut,
+    /// The account has a second factor and the login carried no one-time code.
+    TotpRequired,
+    /// The device has no live login session (never logged in, expired, idle, or ended):
+    /// run `wardgate login`.
+    LoginRequired,
+    /// The identity provider's token was refused (the message says why).
+    IdentityRejected,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -506,10 +571,22 @@ mod tests {
         let l = Login::Local {
             username: "amara".into(),
             password: Secret::new("hunter2-secret"),
+            totp: Some(Secret::new("123456")),
         };
         let d = format!("{l:?}");
         assert!(d.contains("amara"));
         assert!(!d.contains("hunter2"));
+        assert!(!d.contains("123456"));
+        let o = Login::Oidc {
+            id_token: Secret::new("eyJ.secret.token"),
+            nonce: Some("n".into()),
+        };
+        assert!(!format!("{o:?}").contains("eyJ"));
+        // An older client's local login (no totp field) still parses.
+        let old: Login =
+            serde_json::from_str(r#"{"method":"local","username":"a","password":"p"}"#)
+                .expect("parses");
+        assert!(matches!(old, Login::Local { totp: None, .. }));
     }
 }
 

@@ -32,6 +32,8 @@ use crate::store::{DocKind, Grant, GrantStatus, NewAuditEvent, NewGrant, StoreEr
 
 /// The pool device tunnel addresses come from; the first host is the gateways' own.
 pub const TUNNEL_POOL: &str = "100.64.0.0/10";
+/// The shortest grant worth issuing: less would expire on its way to the gateways.
+const MIN_GRANT_MS: i64 = 2_000;
 /// How long a gateway may take to confirm a pushed change.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -170,7 +172,9 @@ impl PolicyCache {
     }
 }
 
-/// Gathers the facts the engine decides on for `device_id` now.
+/// Gathers the facts the engine decides on for `device_id` now, from the device, its owner
+/// and the device's live login session (groups and MFA as that login established them; the
+/// session's end bounds every grant). No live session → `LoginRequired`.
 pub async fn facts_for(
     ctl: &Controller,
     device_id: &str,
@@ -193,20 +197,24 @@ pub async fn facts_for(
                 "the account of this device is gone",
             )
         })?;
-    let groups = ctl.store.groups_of_user(&user.id).await.map_err(internal)?;
+    let session = ctl.live_session(device_id, now).await?;
+    let groups = match &session.groups {
+        Some(g) => g.clone(),
+        None => ctl.store.groups_of_user(&user.id).await.map_err(internal)?,
+    };
+    // The request itself is use, so the idle end counts from now.
+    let ends = session
+        .expires_ms
+        .min(now.saturating_add(session.idle_timeout_ms));
     let posture = crate::posture::latest_report(ctl, device_id)
         .await
         .map_err(internal)?;
     let facts = Facts {
         groups,
-        // Local users have no second factor yet (TOTP comes with the identity work), so
-        // policies that require MFA deny them, with that reason.
-        mfa: false,
-        // The device's mutually authenticated connection is the session for local users;
-        // OIDC login sessions with lifetimes come with the identity work.
+        mfa: session.mfa,
         session: Session {
-            started_at: ts(now),
-            expires_at: None,
+            started_at: ts(session.created_ms),
+            expires_at: Some(ts(ends)),
         },
         device: device.status,
         user_disabled: user.disabled,
@@ -278,9 +286,18 @@ impl Controller {
             }
             Decision::Allow { expires_at, .. } => *expires_at,
         };
-        let Decision::Allow { policy, .. } = &decision else {
+        let Decision::Allow { policy, bounds, .. } = &decision else {
             return Err(internal("unreachable decision"));
         };
+        // A grant that would end before it reaches the gateways is no grant: when the login
+        // session is what ends it, say so instead of failing at the gateway.
+        if expires_at.as_millisecond() - now < MIN_GRANT_MS
+            && bounds.session_end.as_millisecond() <= expires_at.as_millisecond()
+        {
+            return Err(crate::login::login_required(
+                "your login session is about to end",
+            ));
+        }
         let res = policies
             .resource(resource)
             .ok_or_else(|| {
@@ -424,6 +441,10 @@ impl Controller {
             && prev.device_id == device_id
         {
             self.end_grants(vec![prev], "renewed", &actor, false).await;
+        }
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
+            // A grant is use: the idle clock starts again.
+            let _ = self.store.touch_session(&sess.id, now).await;
         }
         info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
         Ok(ClientGrant {
@@ -597,8 +618,13 @@ impl Controller {
         };
         let mut ended = 0;
         for g in grants {
-            let Ok((user, facts)) = facts_for(self, &g.device_id, now).await else {
-                continue;
+            let (user, facts) = match facts_for(self, &g.device_id, now).await {
+                Ok(f) => f,
+                Err(e) if e.code == ErrorCode::LoginRequired => {
+                    ended += self.end_grants(vec![g], &e.message, actor, true).await;
+                    continue;
+                }
+                Err(_) => continue,
             };
             let request = AccessRequest {
                 user: user.username,
@@ -620,7 +646,9 @@ impl Controller {
         ended
     }
 
-    /// Marks expired grants as ended (gateways drop them by their own clocks already).
+    /// Marks expired grants as ended and takes their peers off the gateways. The gateways
+    /// stopped passing their traffic at expiry by their own clocks already; the removal frees
+    /// the entry there.
     pub async fn sweep_expired(&self) {
         if let Ok(expired) = self.store.expire_grants(now_ms()).await {
             for g in expired {
@@ -633,6 +661,17 @@ impl Controller {
                         json!({"device": g.device_id, "resource": g.resource}),
                     )
                     .await;
+                for gw in &g.gateway_ids {
+                    if let Some(l) = self.registry.link(&format!("gateway:{gw}")) {
+                        let push = Push::RemoveGrant {
+                            grant_id: g.wire_id(),
+                            reason: "expired".into(),
+                        };
+                        if let Err(e) = l.push(push, ACK_TIMEOUT).await {
+                            warn!(grant = g.id, gateway = %gw, error = %e, "gateway did not confirm the removal of an expired grant");
+                        }
+                    }
+                }
             }
         }
     }

@@ -78,6 +78,10 @@ impl DataDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("controller.json")
     }
+    /// The trusted OpenID providers (`identity::IdentityFile`), read at start; optional.
+    pub fn identity(&self) -> PathBuf {
+        self.root.join("identity.json")
+    }
     /// Where `serve` writes the addresses it actually bound (useful with port 0).
     pub fn endpoints(&self) -> PathBuf {
         self.root.join("run").join("endpoints.json")

@@ -299,6 +299,11 @@ async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Respon
             _,
         ) => ctl.enrol_poll(&device_id, &poll_token).await,
         (_, Peer::Anonymous) => Err(cert_required()),
+        (Request::Login { login }, Peer::Device(d)) => ctl.login_device(d, login).await,
+        (Request::Login { .. }, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only enrolled devices log in",
+        )),
         (Request::Heartbeat { seq }, p) => ctl.heartbeat(p, seq).await,
         (Request::WhoAmI, p) => ctl.who_am_i(p).await,
         (Request::SyncGrants, Peer::Gateway(g)) => ctl

@@ -108,6 +108,46 @@ pub async fn init(dir: &DataDir, opts: &InitOptions) -> anyhow::Result<InitOutco
     })
 }
 
+/// Reads `identity.json` (if present) and builds the ID-token verifier for its providers.
+/// A bad file stops the start with the fix named, rather than failing at the first login.
+fn load_identity(dir: &DataDir) -> anyhow::Result<Option<Arc<crate::identity::Verifier>>> {
+    use crate::identity::{CacheOptions, IdentityFile, Providers, Verifier, http_client};
+    let path = dir.identity();
+    if !path.exists() {
+        return Ok(None);
+    }
+    let bytes = files::read_public(&path)?;
+    let file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid identity configuration: {e}",
+            path.display()
+        )
+    })?;
+    if file.providers.is_empty() {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &file.ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("cannot read the IdP CA file {}: {e}", ca.display()))?;
+        for c in pki::certs_from_pem("IdP CA", &pem)? {
+            roots
+                .add(c)
+                .map_err(|e| anyhow::anyhow!("IdP CA file {}: {e}", ca.display()))?;
+        }
+    }
+    let providers = Providers::new(file.providers)?;
+    let names: Vec<String> = providers.all().iter().map(|p| p.name.clone()).collect();
+    let http = http_client(roots, CacheOptions::default().http_timeout)?;
+    info!(providers = ?names, "trusting identity providers");
+    Ok(Some(Arc::new(Verifier::new(
+        providers,
+        http,
+        CacheOptions::default(),
+    ))))
+}
+
 /// A controller that is listening.
 pub struct Running {
     /// Bound QUIC address.
@@ -129,12 +169,14 @@ impl Running {
     }
 }
 
-/// How often the sweeper records expired grants and looks for stale posture reports. A
+/// How often the sweeper ends lapsed login sessions, records expired grants and looks for
+/// stale posture reports. A
 /// stale report is noticed at most this long after it went stale.
 pub const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The sweeper: records grants that ran out (gateways drop them by their own clocks already)
-/// and ends grants whose device's posture report has grown too old, until `cancel` fires.
+/// The sweeper: ends lapsed login sessions with their grants, records grants that ran out
+/// (gateways drop them by their own clocks already) and ends grants whose device's posture
+/// report has grown too old, until `cancel` fires.
 async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,7 +185,8 @@ async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
             _ = tick.tick() => {}
             _ = cancel.cancelled() => return,
         }
-        ctl.sweep_expired().await;
+        // Lapsed login sessions (and their grants), then expired grants.
+        ctl.sweep().await;
         let ended = ctl.sweep_posture().await;
         if ended > 0 {
             info!(ended, "grants ended: posture reports too old or missing");
@@ -177,7 +220,8 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
     let key_der = pki::key_from_pem("controller key", key_pem.as_bytes())?;
 
     let store = Store::open(&config.database_url).await?;
-    let controller = Controller::new(store, ca);
+    let verifier = load_identity(dir)?;
+    let controller = Controller::with_verifier(store, ca, verifier);
 
     let quic_cfg =
         wardgate_common::tls::server_config(chain.clone(), key_der.clone_key(), &ca_der)?;

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use serde_json::json;
 use tracing::{info, warn};
 use wardgate_common::proto::{
-    EnrolDevice, ErrorCode, Identity, JoinGateway, Login, Response, Secret, WireError,
+    EnrolDevice, ErrorCode, Identity, JoinGateway, Response, Secret, WireError,
 };
 use wardgate_common::{keys, pki, unix_ms};
 
@@ -158,6 +158,8 @@ pub struct Controller {
     pub registry: Registry,
     /// Compiled policies, rebuilt when they change.
     pub policies: crate::access::PolicyCache,
+    /// Verifies ID tokens of the configured OpenID providers; `None` when none is trusted.
+    pub verifier: Option<Arc<crate::identity::Verifier>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -189,11 +191,21 @@ fn valid_endpoint(s: &str) -> bool {
 impl Controller {
     /// Wraps the parts.
     pub fn new(store: Store, ca: Ca) -> Arc<Self> {
+        Self::with_verifier(store, ca, None)
+    }
+
+    /// Wraps the parts, trusting the providers of `verifier` for logins and admin sign-in.
+    pub fn with_verifier(
+        store: Store,
+        ca: Ca,
+        verifier: Option<Arc<crate::identity::Verifier>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             ca,
             registry: Registry::default(),
             policies: Default::default(),
+            verifier,
         })
     }
 
@@ -444,45 +456,9 @@ impl Controller {
 
     /// A device enrols after its user logs in.
     pub async fn enrol_device(&self, req: EnrolDevice) -> Result<Response, WireError> {
-        let Login::Local { username, password } = &req.login;
-        let user = self
-            .store
-            .user_by_username(username)
-            .await
-            .map_err(internal)?;
-        let stored = user.as_ref().and_then(|u| u.password_hash.clone());
-        let pw = password.expose().to_owned();
-        let ok =
-            tokio::task::spawn_blocking(move || secrets::verify_password(&pw, stored.as_deref()))
-                .await
-                .map_err(internal)?;
-        let user = match user {
-            Some(u) if ok => u,
-            _ => {
-                let err =
-                    WireError::new(ErrorCode::BadCredentials, "user name or password is wrong");
-                return Err(self
-                    .deny(&format!("user:{username}"), "user.login", username, err)
-                    .await);
-            }
-        };
+        let who = self.authenticate(&req.login, "enrol").await?;
+        let user = who.user.clone();
         let actor = format!("user:{}", user.username);
-        if user.disabled {
-            let err = WireError::new(
-                ErrorCode::UserDisabled,
-                "this account is disabled; contact your IT helpdesk",
-            );
-            return Err(self.deny(&actor, "user.login", &user.id, err).await);
-        }
-        self.audit(
-            &actor,
-            "user.login",
-            &user.id,
-            "allow",
-            json!({"method": "local", "purpose": "enrol"}),
-        )
-        .await
-        .map_err(internal)?;
         let name = req.device_name.trim();
         if name.is_empty() || name.len() > 64 || req.os.len() > 128 || req.hostname.len() > 253 {
             return Err(bad(
@@ -539,11 +515,15 @@ impl Controller {
         .await
         .map_err(internal)?;
         info!(device = %id, user = %user.username, pending = require_approval, "device enrolment");
+        // The enrolment's login opens the device's first session (also while it waits for
+        // approval: if that takes longer than the session, `wardgate login` opens a new one).
+        let session = self.open_session(&who, &id).await?;
         Ok(match cert_pem {
             Some(cert_pem) => Response::Enrolled {
                 device_id: id,
                 cert_pem,
                 ca_pem: self.ca.cert_pem().to_owned(),
+                session: Some(session),
             },
             None => Response::EnrolPending {
                 device_id: id,
@@ -581,6 +561,7 @@ impl Controller {
                 device_id: d.id,
                 cert_pem,
                 ca_pem: self.ca.cert_pem().to_owned(),
+                session: None,
             }),
             (DeviceStatus::Pending, _) | (DeviceStatus::Approved, None) => Err(WireError::new(
                 ErrorCode::DevicePending,

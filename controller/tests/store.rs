@@ -2297,3 +2297,141 @@ async fn posture_reports_keep_the_highest_counter_and_find_stale_devices() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn identity_totp_steps_throttle_oidc_users_and_sessions() {
+    use wardgate_controller::store::{LoginMethod, Session};
+    on_both(|t| async move {
+        let s = t.open().await;
+        s.insert_user(&user("usr_1", "amara")).await.unwrap();
+        // TOTP: a step is accepted once, and never an older one.
+        assert_eq!(s.user_totp_secret("usr_1").await.unwrap(), None);
+        s.set_user_totp("usr_1", "JBSWY3DPEHPK3PXP").await.unwrap();
+        assert_eq!(
+            s.user_totp_secret("usr_1").await.unwrap().as_deref(),
+            Some("JBSWY3DPEHPK3PXP")
+        );
+        assert!(s.accept_totp_step("usr_1", 100).await.unwrap());
+        assert!(!s.accept_totp_step("usr_1", 100).await.unwrap());
+        assert!(!s.accept_totp_step("usr_1", 99).await.unwrap());
+        assert!(s.accept_totp_step("usr_1", 101).await.unwrap());
+        assert!(matches!(
+            s.set_user_totp("usr_missing", "X").await,
+            Err(StoreError::NotFound { .. })
+        ));
+
+        // Throttle: 3 failures in the window lock; an old window starts over.
+        let (n, locked) = s
+            .record_login_failure("amara", 1_000, 60_000, 3, 5_000)
+            .await
+            .unwrap();
+        assert_eq!((n, locked), (1, None));
+        assert_eq!(
+            s.record_login_failure("amara", 2_000, 60_000, 3, 5_000)
+                .await
+                .unwrap(),
+            (2, None)
+        );
+        assert_eq!(
+            s.record_login_failure("amara", 3_000, 60_000, 3, 5_000)
+                .await
+                .unwrap(),
+            (3, Some(8_000))
+        );
+        let th = s.login_throttle("amara", 3_000 - 60_000).await.unwrap();
+        assert_eq!(th.locked_until_ms, Some(8_000));
+        assert_eq!(th.failures, 0, "the count starts over once locked");
+        // Much later: a new window.
+        assert_eq!(
+            s.record_login_failure("amara", 500_000, 60_000, 3, 5_000)
+                .await
+                .unwrap(),
+            (1, None)
+        );
+        s.clear_login_failures("amara").await.unwrap();
+        let th = s.login_throttle("amara", 0).await.unwrap();
+        assert_eq!((th.failures, th.locked_until_ms), (0, None));
+        // Names that do not exist are throttled alike.
+        assert_eq!(
+            s.record_login_failure("nobody", 1, 60_000, 3, 5_000)
+                .await
+                .unwrap(),
+            (1, None)
+        );
+
+        // OIDC users: found by issuer and subject; the pair is unique.
+        let mut u = user("usr_2", "ben");
+        u.password_hash = None;
+        s.insert_oidc_user(&u, "https://idp.example", "sub-ben")
+            .await
+            .unwrap();
+        let found = s
+            .user_by_oidc("https://idp.example", "sub-ben")
+            .await
+            .unwrap()
+            .expect("found");
+        assert_eq!(found.username, "ben");
+        assert!(
+            s.user_by_oidc("https://other", "sub-ben")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let mut dup = user("usr_3", "ben2");
+        dup.password_hash = None;
+        assert!(matches!(
+            s.insert_oidc_user(&dup, "https://idp.example", "sub-ben")
+                .await,
+            Err(StoreError::Conflict { .. })
+        ));
+
+        // Sessions: a new one supersedes the device's open one; lapsed ones are swept once.
+        s.insert_device(&device("dev_1", "usr_2")).await.unwrap();
+        let sess = |id: &str, created: i64| Session {
+            id: id.into(),
+            user_id: "usr_2".into(),
+            device_id: "dev_1".into(),
+            method: LoginMethod::Oidc,
+            provider: Some("staff".into()),
+            mfa: true,
+            groups: Some(vec!["clinicians".into()]),
+            created_ms: created,
+            last_used_ms: created,
+            expires_ms: created + 10_000,
+            idle_timeout_ms: 4_000,
+            ended_ms: None,
+            end_reason: None,
+        };
+        s.insert_session(&sess("ses_1", 1_000)).await.unwrap();
+        s.insert_session(&sess("ses_2", 2_000)).await.unwrap();
+        let latest = s.latest_session_for_device("dev_1").await.unwrap().unwrap();
+        assert_eq!(latest.id, "ses_2");
+        assert_eq!(latest.groups, Some(vec!["clinicians".to_string()]));
+        assert!(latest.live_at(5_000));
+        assert!(!latest.live_at(6_000), "idle after 4 s");
+        s.touch_session("ses_2", 5_000).await.unwrap();
+        let latest = s.latest_session_for_device("dev_1").await.unwrap().unwrap();
+        assert!(latest.live_at(8_000));
+        assert!(!latest.live_at(12_000), "hard end");
+        assert!(s.end_lapsed_sessions(8_000).await.unwrap().is_empty());
+        let swept = s.end_lapsed_sessions(12_000).await.unwrap();
+        assert_eq!(swept.len(), 1);
+        assert_eq!(swept[0].end_reason.as_deref(), Some("expired"));
+        assert!(s.end_lapsed_sessions(13_000).await.unwrap().is_empty());
+        s.insert_session(&sess("ses_3", 20_000)).await.unwrap();
+        let ended = s
+            .end_sessions_for_user("usr_2", "account disabled", 21_000)
+            .await
+            .unwrap();
+        assert_eq!(ended.len(), 1);
+        let latest = s.latest_session_for_device("dev_1").await.unwrap().unwrap();
+        assert!(!latest.live_at(21_500));
+        assert!(
+            latest
+                .why_not_live(21_500)
+                .is_some_and(|w| w.contains("account disabled"))
+        );
+        s.close().await;
+    })
+    .await;
+}

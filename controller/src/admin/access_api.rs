@@ -428,13 +428,17 @@ async fn dry_run(
             .map(|d| d.id),
     };
     let now = now_ms();
-    let facts = match &device {
-        Some(d) => {
-            crate::access::facts_for(&ctl, d, now)
-                .await
-                .map_err(|e| bad(e.message))?
-                .1
-        }
+    let from_device = match &device {
+        Some(d) => match crate::access::facts_for(&ctl, d, now).await {
+            Ok((_, f)) => Some(f),
+            // No live session: decide as if the user logged in now (without MFA).
+            Err(e) if e.code == wardgate_common::proto::ErrorCode::LoginRequired => None,
+            Err(e) => return Err(bad(e.message)),
+        },
+        None => None,
+    };
+    let facts = match from_device {
+        Some(f) => f,
         None => crate::policy::Facts {
             groups: ctl.store.groups_of_user(&user.id).await?,
             mfa: false,
@@ -528,6 +532,9 @@ async fn disable_user(
         json!({"username": username}),
     )
     .await?;
+    let sessions = ctl
+        .end_user_sessions(&user.id, "account disabled", &admin.actor)
+        .await?;
     let grants = ctl.store.active_grants_for_user(&user.id, now_ms()).await?;
     let ended = ctl
         .end_grants(grants, "account disabled", &admin.actor, true)
@@ -546,6 +553,6 @@ async fn disable_user(
         );
     }
     Ok(Json(
-        json!({"username": username, "disabled": true, "grants_ended": ended}),
+        json!({"username": username, "disabled": true, "grants_ended": ended, "sessions_ended": sessions}),
     ))
 }

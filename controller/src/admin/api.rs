@@ -87,6 +87,9 @@ impl FromRequestParts<Arc<Controller>> for Admin {
         let token = header.strip_prefix("Bearer ").ok_or_else(|| {
             unauthorized("the Authorization header must be `Bearer <admin token>`")
         })?;
+        if looks_like_jwt(token) {
+            return oidc_admin(ctl, token).await;
+        }
         let found = ctl
             .store
             .admin_token_by_hash(&secrets::hash_token(token))
@@ -120,6 +123,78 @@ impl FromRequestParts<Arc<Controller>> for Admin {
     }
 }
 
+/// Whether a bearer credential is a JWT (three base64url parts) rather than an admin token
+/// (`wga_…`): ID tokens of administrators sign in to the admin API too.
+fn looks_like_jwt(token: &str) -> bool {
+    !token.starts_with("wga_") && token.split('.').count() == 3
+}
+
+/// An administrator signing in with an OpenID provider's ID token: verified like a login
+/// (signature, issuer, audience, expiry), and the user must be in one of the provider's
+/// admin groups. Refusals are audited; a valid token of a non-admin is a 403.
+async fn oidc_admin(ctl: &Arc<Controller>, token: &str) -> Result<Admin, Failure> {
+    let deny = |status: StatusCode, code: &'static str, actor: String, reason: String| async move {
+        if let Err(e) = ctl
+            .audit(
+                &actor,
+                "admin.auth",
+                "admin-api",
+                "deny",
+                json!({"method": "oidc", "reason": reason}),
+            )
+            .await
+        {
+            warn!(error = %e, "cannot audit a refused admin sign-in");
+        }
+        Failure(status, code, reason)
+    };
+    let Some(verifier) = ctl.verifier.as_ref() else {
+        return Err(deny(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "anonymous".into(),
+            "this controller trusts no identity provider; use an admin token".into(),
+        )
+        .await);
+    };
+    let id = match verifier.verify_bearer(token).await {
+        Ok(id) => id,
+        Err(e) => {
+            return Err(deny(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "anonymous".into(),
+                format!("the ID token was refused: {e}"),
+            )
+            .await);
+        }
+    };
+    let actor = format!("oidc:{}:{}", id.provider, id.username);
+    let admin_groups = verifier
+        .provider(&id.provider)
+        .map(|p| p.admin_groups.clone())
+        .unwrap_or_default();
+    if !id.groups.iter().any(|g| admin_groups.contains(g)) {
+        return Err(deny(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            actor,
+            format!(
+                "{} is not in an admin group of {} ({}); the admin API is for administrators",
+                id.username,
+                id.provider,
+                if admin_groups.is_empty() {
+                    "it has none".to_owned()
+                } else {
+                    admin_groups.join(", ")
+                }
+            ),
+        )
+        .await);
+    }
+    Ok(Admin { actor })
+}
+
 /// The router, with the controller as state.
 pub fn router(ctl: Arc<Controller>) -> Router {
     Router::new()
@@ -131,16 +206,24 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/devices", get(list_devices))
         .route("/api/v1/devices/{id}/{action}", post(decide_device))
         .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/{username}/totp", post(enrol_totp))
         .merge(super::access_api::router())
         .with_state(ctl)
 }
 
-async fn current_settings(ctl: &Controller) -> Result<Settings, Failure> {
+async fn settings_view(ctl: &Controller) -> Result<Settings, Failure> {
     let v = ctl.store.get_setting(SETTING_REQUIRE_APPROVAL).await?;
+    let id = ctl.identity_settings().await?;
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
     Ok(Settings {
         enrolment_requires_approval: v.is_some_and(|v| v == "true"),
         posture_report_interval_ms: u64::try_from(ctl.posture_interval().await.as_millis())
             .unwrap_or(u64::MAX),
+        session_lifetime: Some(d(id.session_lifetime)),
+        session_idle_timeout: Some(d(id.session_idle_timeout)),
+        lockout_threshold: Some(id.lockout_threshold),
+        lockout_window: Some(d(id.lockout_window)),
+        lockout_period: Some(d(id.lockout_period)),
     })
 }
 
@@ -148,7 +231,7 @@ async fn get_settings(
     _: Admin,
     State(ctl): State<Arc<Controller>>,
 ) -> Result<Json<Settings>, Failure> {
-    Ok(Json(current_settings(&ctl).await?))
+    Ok(Json(settings_view(&ctl).await?))
 }
 
 async fn put_settings(
@@ -169,18 +252,38 @@ async fn put_settings(
             )));
         }
     }
-    if let Some(approval) = s.enrolment_requires_approval {
+    use crate::login::{check_setting, setting};
+    let threshold = s.lockout_threshold.map(|n| n.to_string());
+    let changes: Vec<(&str, Option<&str>)> = vec![
+        (setting::SESSION_LIFETIME, s.session_lifetime.as_deref()),
+        (
+            setting::SESSION_IDLE_TIMEOUT,
+            s.session_idle_timeout.as_deref(),
+        ),
+        (setting::LOCKOUT_THRESHOLD, threshold.as_deref()),
+        (setting::LOCKOUT_WINDOW, s.lockout_window.as_deref()),
+        (setting::LOCKOUT_PERIOD, s.lockout_period.as_deref()),
+    ];
+    // All or nothing: check every value before writing any.
+    for (name, v) in &changes {
+        if let Some(v) = v {
+            check_setting(name, v).map_err(|e| bad_request(e.to_string()))?;
+        }
+    }
+    if let Some(a) = s.enrolment_requires_approval {
         ctl.store
-            .set_setting(
-                SETTING_REQUIRE_APPROVAL,
-                if approval { "true" } else { "false" },
-            )
+            .set_setting(SETTING_REQUIRE_APPROVAL, if a { "true" } else { "false" })
             .await?;
     }
     if let Some(ms) = s.posture_report_interval_ms {
         ctl.store
             .set_setting(crate::posture::SETTING_POSTURE_INTERVAL_MS, &ms.to_string())
             .await?;
+    }
+    for (name, v) in changes {
+        if let Some(v) = v {
+            ctl.store.set_setting(name, v.trim()).await?;
+        }
     }
     ctl.audit(
         &admin.actor,
@@ -190,7 +293,7 @@ async fn put_settings(
         json!(s),
     )
     .await?;
-    Ok(Json(current_settings(&ctl).await?))
+    Ok(Json(settings_view(&ctl).await?))
 }
 
 async fn create_join_token(
@@ -501,4 +604,46 @@ async fn create_user(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(user_view(user))))
+}
+
+/// Enrols (or replaces) a local user's TOTP second factor and returns the secret and the
+/// `otpauth://` URI once, for the user's authenticator app. The secret is not logged or
+/// audited; the audit row records only that it happened.
+async fn enrol_totp(
+    admin: Admin,
+    State(ctl): State<Arc<Controller>>,
+    Path(username): Path<String>,
+) -> Result<Json<TotpEnrolled>, Failure> {
+    let user = ctl
+        .store
+        .user_by_username(&username)
+        .await?
+        .ok_or_else(|| {
+            Failure(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no user named {username}"),
+            )
+        })?;
+    if user.password_hash.is_none() {
+        return Err(bad_request(format!(
+            "{username} signs in with an identity provider; its second factor is the provider's"
+        )));
+    }
+    let secret = crate::totp::new_secret();
+    ctl.store.set_user_totp(&user.id, &secret).await?;
+    ctl.audit(
+        &admin.actor,
+        "admin.user.totp_enrol",
+        &user.id,
+        "ok",
+        json!({"username": username}),
+    )
+    .await?;
+    let issuer = "Wardgate";
+    Ok(Json(TotpEnrolled {
+        uri: crate::totp::otpauth_uri(issuer, &username, &secret),
+        secret: wardgate_common::proto::Secret::new(secret),
+        username,
+    }))
 }

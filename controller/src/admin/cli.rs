@@ -200,6 +200,12 @@ pub enum UserCmd {
         /// User name.
         username: String,
     },
+    /// Enrols (or replaces) a local user's TOTP second factor: prints the otpauth:// URI for
+    /// the authenticator app, and the secret for typing in by hand. Shown once.
+    TotpEnrol {
+        /// User name.
+        username: String,
+    },
 }
 
 /// Settings commands.
@@ -216,6 +222,21 @@ pub enum SettingsCmd {
         /// How often devices report their posture when nothing changes (e.g. `30s`).
         #[arg(long)]
         posture_interval: Option<humantime::Duration>,
+        /// Longest a login session lasts, e.g. 12h.
+        #[arg(long)]
+        session_lifetime: Option<String>,
+        /// A session without a new grant this long ends, e.g. 1h.
+        #[arg(long)]
+        session_idle_timeout: Option<String>,
+        /// Failed local logins within the window that lock the user name.
+        #[arg(long)]
+        lockout_threshold: Option<u32>,
+        /// The window failed logins are counted in, e.g. 15m.
+        #[arg(long)]
+        lockout_window: Option<String>,
+        /// How long a locked user name stays locked, e.g. 15m.
+        #[arg(long)]
+        lockout_period: Option<String>,
     },
 }
 
@@ -523,6 +544,22 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                 s
             })
         }
+        AdminCmd::User(UserCmd::TotpEnrol { username }) => {
+            let r: TotpEnrolled = c
+                .post(&format!("/api/v1/users/{username}/totp"), &())
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"username": r.username, "secret": r.secret.expose(), "uri": r.uri})
+                );
+            } else {
+                println!("TOTP enrolled for {} (shown once):", r.username);
+                println!("{}", r.uri);
+                println!("secret: {}", r.secret.expose());
+            }
+            Ok(())
+        }
         AdminCmd::User(UserCmd::Disable { username }) => {
             let r: serde_json::Value = c
                 .post(&format!("/api/v1/users/{username}/disable"), &())
@@ -650,11 +687,21 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
         AdminCmd::Settings(SettingsCmd::Set {
             enrolment_requires_approval,
             posture_interval,
+            session_lifetime,
+            session_idle_timeout,
+            lockout_threshold,
+            lockout_window,
+            lockout_period,
         }) => {
             let update = SettingsUpdate {
                 enrolment_requires_approval,
                 posture_report_interval_ms: posture_interval
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                session_lifetime,
+                session_idle_timeout,
+                lockout_threshold,
+                lockout_window,
+                lockout_period,
             };
             let r: Settings = c.put("/api/v1/settings", &update).await?;
             print(json, &r, settings_text)
@@ -663,12 +710,18 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
 }
 
 fn settings_text(s: &Settings) -> String {
+    let o = |v: &Option<String>| v.clone().unwrap_or_default();
     format!(
-        "enrolment requires approval: {}\nposture report interval: {}",
+        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}",
         s.enrolment_requires_approval,
         humantime::format_duration(std::time::Duration::from_millis(
             s.posture_report_interval_ms
-        ))
+        )),
+        o(&s.session_lifetime),
+        o(&s.session_idle_timeout),
+        s.lockout_threshold.unwrap_or_default(),
+        o(&s.lockout_window),
+        o(&s.lockout_period)
     )
 }
 

@@ -105,7 +105,7 @@ pub struct UserView {
     pub local_password: bool,
 }
 
-/// Runtime settings.
+/// Runtime settings (as shown: every value, defaults filled in).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// New devices wait for an administrator's approval.
@@ -113,6 +113,21 @@ pub struct Settings {
     /// How often devices report their posture when nothing changes (ms).
     #[serde(default = "default_posture_interval_ms")]
     pub posture_report_interval_ms: u64,
+    /// Longest a login session lasts (e.g. `12h`); policies may cut it shorter.
+    #[serde(default)]
+    pub session_lifetime: Option<String>,
+    /// A session without a new grant this long ends (e.g. `1h`).
+    #[serde(default)]
+    pub session_idle_timeout: Option<String>,
+    /// Failed local logins (within the window) that lock the user name.
+    #[serde(default)]
+    pub lockout_threshold: Option<u32>,
+    /// The window failures are counted in (e.g. `15m`).
+    #[serde(default)]
+    pub lockout_window: Option<String>,
+    /// How long a locked name stays locked (e.g. `15m`).
+    #[serde(default)]
+    pub lockout_period: Option<String>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -128,4 +143,30 @@ pub struct SettingsUpdate {
     /// How often devices report their posture when nothing changes (ms, 500 to 3 600 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub posture_report_interval_ms: Option<u64>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_lifetime: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_idle_timeout: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockout_threshold: Option<u32>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockout_window: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lockout_period: Option<String>,
+}
+
+/// A TOTP enrolment, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TotpEnrolled {
+    /// The user.
+    pub username: String,
+    /// The base32 secret (for typing into an app by hand).
+    pub secret: wardgate_common::proto::Secret,
+    /// The `otpauth://` URI (for a QR code).
+    pub uri: String,
 }

@@ -180,6 +180,65 @@ impl Verifier {
         Ok(id)
     }
 
+    /// Verifies a token used as a login that carries no nonce (the device grant has none):
+    /// the token itself is then single-use, so a copied token cannot log in a second time.
+    pub async fn verify_login(
+        &self,
+        token: &str,
+        expected_nonce: Option<&str>,
+    ) -> Result<VerifiedIdentity, IdentityError> {
+        let id = self.verify(token, expected_nonce).await?;
+        if id.nonce.is_none() {
+            use sha2::Digest as _;
+            let key = format!(
+                "token:{}",
+                hex::encode(sha2::Sha256::digest(token.as_bytes()))
+            );
+            let leeway = self
+                .slots
+                .iter()
+                .find(|s| s.config.name == id.provider)
+                .map_or(0, |s| s.config.leeway_s);
+            let now_ms = unix_seconds(SystemTime::now()).saturating_mul(1000);
+            self.nonces
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .consume(&key, id.expires_at_ms, leeway, now_ms)?;
+        }
+        Ok(id)
+    }
+
+    /// Verifies a token presented as a bearer credential on every request (the admin API):
+    /// the same checks, but nonces are not consumed, since the token is meant to be reused
+    /// until it expires.
+    pub async fn verify_bearer(&self, token: &str) -> Result<VerifiedIdentity, IdentityError> {
+        let issuer = peek_issuer(token)?;
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.config.issuer == issuer)
+            .ok_or_else(|| IdentityError::UnknownIssuer {
+                issuer: issuer.clone(),
+                known: self
+                    .slots
+                    .iter()
+                    .map(|s| format!("`{}`", s.config.issuer))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let kid = peek_kid(token)?;
+        let (jwks, _) = self.keys_for(slot, kid.as_deref()).await?;
+        verify(token, &jwks, &slot.config, SystemTime::now(), None)
+    }
+
+    /// The configuration of the provider named `name`.
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.slots
+            .iter()
+            .map(|s| &s.config)
+            .find(|c| c.name == name)
+    }
+
     /// The provider's keys, fetched when missing or old, and fetched again when `kid` is not
     /// among them and the last fetch is old enough. Returns whether a fetch happened for
     /// `kid`. The lock is held across the fetch: concurrent logins wait for one request

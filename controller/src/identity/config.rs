@@ -130,6 +130,10 @@ pub struct ProviderConfig {
     /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_s: u64,
+    /// Wardgate groups (after mapping) whose members may use the admin API with this
+    /// provider's ID tokens. Empty: nobody from this provider is an administrator.
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
 }
 
 fn default_groups_claim() -> String {
@@ -160,6 +164,7 @@ impl ProviderConfig {
             mfa: MfaRule::default(),
             algorithms: default_algorithms(),
             leeway_s: default_leeway(),
+            admin_groups: Vec::new(),
         }
     }
 
@@ -225,6 +230,20 @@ pub(crate) fn check_url(what: &str, url: &str) -> Result<(), String> {
     Err(format!(
         "{what} `{url}` must be an https:// URL (plain http is allowed only to loopback)"
     ))
+}
+
+/// The identity configuration file of a controller (`identity.json` in its data directory),
+/// read at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// The trusted providers.
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    /// Extra CA certificates (PEM file) to trust for HTTPS to the providers, besides the
+    /// public web PKI: for an IdP behind the hospital's private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The set of trusted providers, looked up by issuer.

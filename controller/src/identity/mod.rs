@@ -19,7 +19,7 @@ pub mod jwks;
 pub mod verify;
 
 pub use cache::{CacheOptions, Verifier, http_client};
-pub use config::{GroupMapping, MfaRule, ProviderConfig, Providers, SigningAlg};
+pub use config::{GroupMapping, IdentityFile, MfaRule, ProviderConfig, Providers, SigningAlg};
 pub use error::IdentityError;
 pub use jwks::Jwks;
 pub use verify::{NonceStore, VerifiedIdentity, verify};
