@@ -78,6 +78,17 @@ pub enum Request {
         /// The grant this one renews, if any (it ends once the new one is in place).
         renews: Option<u64>,
     },
+    /// Break-glass: emergency access to a resource marked for emergencies, at once, for at
+    /// most the break-glass policy's cap, with a reason (recorded, alerted, reviewed). Needs a
+    /// multi-factor login session. Not renewable: a new emergency is a new request.
+    BreakGlass {
+        /// The resource's name.
+        resource: String,
+        /// Why, in the user's words (required; at most 500 characters).
+        reason: String,
+        /// A fresh WireGuard public key for this grant (base64).
+        wg_public_key: String,
+    },
     /// A device gives a grant back.
     Disconnect {
         /// The grant.

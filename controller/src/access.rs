@@ -26,16 +26,39 @@ use wardgate_common::proto::{ErrorCode, Push, Secret, ServerMsg, WireError};
 use wardgate_common::rule::Rule;
 use wardgate_common::unix_ms;
 
-use crate::policy::{AccessRequest, CompiledPolicies, Decision, Facts, PolicySet, Session};
+use crate::policy::{
+    AccessRequest, BreakGlassDecision, CompiledPolicies, Decision, Facts, PolicySet, Session,
+};
 use crate::service::Controller;
-use crate::store::{DocKind, Grant, GrantStatus, NewAuditEvent, NewGrant, StoreError};
+use crate::store::{
+    DocKind, Grant, GrantStatus, NewAuditEvent, NewBreakGlass, NewGrant, StoreError,
+};
 
 /// The pool device tunnel addresses come from; the first host is the gateways' own.
 pub const TUNNEL_POOL: &str = "100.64.0.0/10";
+/// The `os` of the stand-in device a WireGuard export's grant belongs to: it marks grants
+/// that have no client behind them (no session, no posture).
+pub const EXPORT_DEVICE_OS: &str = "wireguard-export";
 /// The shortest grant worth issuing: less would expire on its way to the gateways.
 const MIN_GRANT_MS: i64 = 2_000;
 /// How long a gateway may take to confirm a pushed change.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A decided grant, for [`Controller::issue`].
+pub(crate) struct Issue<'a> {
+    pub(crate) device_id: &'a str,
+    pub(crate) user: &'a crate::store::User,
+    pub(crate) resource: &'a str,
+    pub(crate) policy: String,
+    pub(crate) wg_public_key: &'a str,
+    pub(crate) expires_ms: i64,
+    pub(crate) renews: Option<u64>,
+    pub(crate) actor: String,
+    /// The decision's audit action (`access.decide`, `access.break_glass`, `access.export`).
+    pub(crate) decide_action: &'static str,
+    pub(crate) decide_detail: serde_json::Value,
+    pub(crate) break_glass: Option<crate::store::NewBreakGlass>,
+}
 
 /// The controller's side of one live control connection: a queue of frames to write and the
 /// pushes waiting for their acks.
@@ -298,6 +321,63 @@ impl Controller {
                 "your login session is about to end",
             ));
         }
+        let (grant, client_grant) = self
+            .issue(
+                &policies,
+                Issue {
+                    device_id,
+                    user: &user,
+                    resource,
+                    policy: policy.to_string(),
+                    wg_public_key,
+                    expires_ms: expires_at.as_millisecond(),
+                    renews,
+                    actor: actor.clone(),
+                    decide_action: "access.decide",
+                    decide_detail: json!({"device": device_id, "policy": policy.to_string(), "expires_ms": expires_at.as_millisecond(), "facts": facts}),
+                    break_glass: None,
+                },
+                now,
+            )
+            .await?;
+        if let Some(old) = renews.and_then(Grant::id_from_wire)
+            && let Ok(Some(prev)) = self.store.grant_by_id(old).await
+            && prev.device_id == device_id
+        {
+            self.end_grants(vec![prev], "renewed", &actor, false).await;
+        }
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
+            // A grant is use: the idle clock starts again.
+            let _ = self.store.touch_session(&sess.id, now).await;
+        }
+        info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
+        Ok(client_grant)
+    }
+
+    /// Issues a grant the caller has decided on: grant row, audit rows (the decision under
+    /// `i.decide_action`, then `grant.issue`) and, for break-glass, the review-queue row in
+    /// one transaction; then the peer pushed to every serving gateway and their acks awaited
+    /// (rolled back on any failure). Shared by connect, break-glass and the WireGuard export,
+    /// so all three leave the same trail and the same guarantees.
+    pub(crate) async fn issue(
+        &self,
+        policies: &CompiledPolicies,
+        i: Issue<'_>,
+        now: i64,
+    ) -> Result<(Grant, ClientGrant), WireError> {
+        let Issue {
+            device_id,
+            user,
+            resource,
+            policy,
+            wg_public_key,
+            expires_ms,
+            renews,
+            actor,
+            decide_action,
+            decide_detail,
+            break_glass,
+        } = i;
         let res = policies
             .resource(resource)
             .ok_or_else(|| {
@@ -328,14 +408,14 @@ impl Controller {
             device_id: device_id.to_owned(),
             user_id: user.id.clone(),
             resource: resource.to_owned(),
-            policy: policy.to_string(),
+            policy,
             client_public_key: wg_public_key.to_owned(),
             preshared_key: Secret::new(psk.clone()),
             tunnel_addr: tunnel.to_string(),
             rules_json: serde_json::to_string(&res.rules).map_err(internal)?,
             gateway_ids: gateways.iter().map(|g| g.id.clone()).collect(),
             issued_ms: now,
-            expires_ms: expires_at.as_millisecond(),
+            expires_ms,
             renewed_from: renews.and_then(Grant::id_from_wire),
         };
         // The decision, the grant and its issue event commit together: no grant row ever
@@ -345,28 +425,32 @@ impl Controller {
         let decide_event = NewAuditEvent {
             at_ms,
             actor: actor.clone(),
-            action: "access.decide".into(),
+            action: decide_action.into(),
             target: resource.to_owned(),
             outcome: "allow".into(),
-            detail: json!({"device": device_id, "policy": policy.to_string(), "expires_ms": new.expires_ms, "facts": facts}),
+            detail: decide_detail,
         };
         let issue_detail = json!({"device": device_id, "resource": resource, "policy": new.policy, "tunnel_addr": new.tunnel_addr,
-                   "expires_ms": new.expires_ms, "gateways": new.gateway_ids, "renews": renews});
+                   "expires_ms": new.expires_ms, "gateways": new.gateway_ids, "renews": renews, "via": decide_action});
         let grant = self
             .store
-            .insert_grant_audited(&new, |id| {
-                vec![
-                    decide_event.clone(),
-                    NewAuditEvent {
-                        at_ms,
-                        actor: actor.clone(),
-                        action: "grant.issue".into(),
-                        target: id.to_string(),
-                        outcome: "ok".into(),
-                        detail: issue_detail.clone(),
-                    },
-                ]
-            })
+            .insert_grant_with(
+                &new,
+                |id| {
+                    vec![
+                        decide_event.clone(),
+                        NewAuditEvent {
+                            at_ms,
+                            actor: actor.clone(),
+                            action: "grant.issue".into(),
+                            target: id.to_string(),
+                            outcome: "ok".into(),
+                            detail: issue_detail.clone(),
+                        },
+                    ]
+                },
+                break_glass.as_ref(),
+            )
             .await
             .map_err(|e| match e {
                 StoreError::Conflict { .. } => WireError::new(
@@ -436,18 +520,7 @@ impl Controller {
                 format!("{why}; nothing was granted, try again shortly"),
             ));
         }
-        if let Some(old) = renews.and_then(Grant::id_from_wire)
-            && let Ok(Some(prev)) = self.store.grant_by_id(old).await
-            && prev.device_id == device_id
-        {
-            self.end_grants(vec![prev], "renewed", &actor, false).await;
-        }
-        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
-            // A grant is use: the idle clock starts again.
-            let _ = self.store.touch_session(&sess.id, now).await;
-        }
-        info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
-        Ok(ClientGrant {
+        let client_grant = ClientGrant {
             grant_id: grant.wire_id(),
             resource: resource.to_owned(),
             gateway_public_key: first_gw.wg_public_key.clone(),
@@ -456,7 +529,117 @@ impl Controller {
             tunnel_addr: std::net::IpAddr::V4(tunnel),
             rules: serde_json::from_str(&grant.rules_json).map_err(internal)?,
             expires_at_ms: grant.expires_ms,
-        })
+        };
+        Ok((grant, client_grant))
+    }
+
+    /// Break-glass (issue 7): emergency access to `resource` at once, for at most the
+    /// break-glass policy's cap, skipping windows and posture but not identity: the device's
+    /// live session must be multi-factor and a reason must be given. Every attempt is audited
+    /// as `access.break_glass` (allow or deny, with the reasons and facts); an allowed one
+    /// commits its review-queue row with the grant and alerts the webhook sinks.
+    pub async fn break_glass(
+        &self,
+        device_id: &str,
+        resource: &str,
+        reason: &str,
+        wg_public_key: &str,
+    ) -> Result<ClientGrant, WireError> {
+        let now = now_ms();
+        if keys::decode_public(wg_public_key).is_err() {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "wg_public_key is not a WireGuard public key",
+            ));
+        }
+        // The reason goes into the audit row either way: bound what is stored of it.
+        let reason_kept: String = reason
+            .chars()
+            .take(crate::policy::MAX_REASON_LEN + 1)
+            .collect();
+        let (user, facts) = match facts_for(self, device_id, now).await {
+            Ok(f) => f,
+            Err(e) => {
+                let actor = format!("device:{device_id}");
+                self.audit(&actor, "access.break_glass", resource, "deny",
+                    json!({"device": device_id, "reason": reason_kept, "reasons": [e.message.clone()], "codes": [e.code]}))
+                    .await
+                    .map_err(internal)?;
+                return Err(e);
+            }
+        };
+        let policies = self.policies.get(self).await?;
+        let request = AccessRequest {
+            user: user.username.clone(),
+            device_id: device_id.to_owned(),
+            resource: resource.to_owned(),
+        };
+        let actor = format!("user:{}", user.username);
+        let decision = policies.decide_break_glass(&request, &facts, reason, ts(now));
+        let (policy, expires_at, cap, limited_by, reason) = match decision {
+            BreakGlassDecision::Deny { reasons } => {
+                let words: Vec<String> = reasons.iter().map(ToString::to_string).collect();
+                self.audit(&actor, "access.break_glass", resource, "deny",
+                    json!({"device": device_id, "reason": reason_kept, "reasons": words,
+                           "codes": reasons.iter().map(|r| r.code()).collect::<Vec<_>>(), "facts": facts}))
+                    .await
+                    .map_err(internal)?;
+                info!(user = %user.username, device = %device_id, resource, "break-glass refused");
+                return Err(WireError::with_details(
+                    ErrorCode::AccessDenied,
+                    format!("break-glass for {resource} refused"),
+                    words,
+                ));
+            }
+            BreakGlassDecision::Allow {
+                policy,
+                expires_at,
+                cap,
+                limited_by,
+                reason,
+            } => (policy, expires_at, cap, limited_by, reason),
+        };
+        if expires_at.as_millisecond() - now < MIN_GRANT_MS {
+            return Err(crate::login::login_required(
+                "your login session is about to end",
+            ));
+        }
+        let bg_id = format!("bg_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let cap_text = humantime::format_duration(cap.unsigned_abs()).to_string();
+        let (grant, client_grant) = self
+            .issue(
+                &policies,
+                Issue {
+                    device_id,
+                    user: &user,
+                    resource,
+                    policy: policy.to_string(),
+                    wg_public_key,
+                    expires_ms: expires_at.as_millisecond(),
+                    renews: None,
+                    actor: actor.clone(),
+                    decide_action: "access.break_glass",
+                    decide_detail: json!({"device": device_id, "policy": policy.to_string(), "reason": reason,
+                        "cap": cap_text, "limited_by": limited_by, "expires_ms": expires_at.as_millisecond(),
+                        "review": bg_id, "review_required": true, "facts": facts}),
+                    break_glass: Some(NewBreakGlass { id: bg_id.clone(), reason: reason.clone() }),
+                },
+                now,
+            )
+            .await?;
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
+            let _ = self.store.touch_session(&sess.id, now).await;
+        }
+        self.notify_by(
+            &actor,
+            crate::notify::kind::BREAK_GLASS,
+            resource,
+            json!({"review": bg_id, "grant": grant.id, "user": user.username, "device": device_id,
+                   "resource": resource, "reason": reason, "policy": policy.to_string(),
+                   "cap": cap_text, "expires_ms": grant.expires_ms}),
+        );
+        warn!(grant = grant.id, user = %user.username, device = %device_id, resource, review = %bg_id, "BREAK-GLASS access granted");
+        Ok(client_grant)
     }
 
     /// Records what a gateway's filter dropped: one audit row per grant and reason, naming
@@ -593,6 +776,15 @@ impl Controller {
                     }
                 }
             }
+            // Renewals and a user's own disconnect are not terminations anyone needs telling.
+            if reason != "renewed" && !actor.starts_with("device:") {
+                self.notify_by(
+                    actor,
+                    crate::notify::kind::GRANT_TERMINATED,
+                    &g.id.to_string(),
+                    json!({"grant": g.id, "reason": reason, "user_id": g.user_id, "device": g.device_id, "resource": g.resource}),
+                );
+            }
             if tell_device {
                 for l in self.registry.links(&format!("device:{}", g.device_id)) {
                     l.notify(Push::GrantEnded {
@@ -618,6 +810,10 @@ impl Controller {
         };
         let mut ended = 0;
         for g in grants {
+            if let Some(n) = self.reevaluate_special(&policies, &g, actor, now).await {
+                ended += n;
+                continue;
+            }
             let (user, facts) = match facts_for(self, &g.device_id, now).await {
                 Ok(f) => f,
                 Err(e) if e.code == ErrorCode::LoginRequired => {
@@ -646,6 +842,84 @@ impl Controller {
         ended
     }
 
+    /// Whether `device_id` is a WireGuard-export device (no client, no session, no posture).
+    pub async fn is_export_device(&self, device_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .device_by_id(device_id)
+            .await?
+            .is_some_and(|d| d.os == EXPORT_DEVICE_OS))
+    }
+
+    /// Re-decides a break-glass or exported grant by its own rules (`None`: an ordinary
+    /// grant, for the caller to decide). Returns how many grants ended (0 or 1).
+    async fn reevaluate_special(
+        &self,
+        policies: &CompiledPolicies,
+        g: &Grant,
+        actor: &str,
+        now: i64,
+    ) -> Option<usize> {
+        let end = |words: Vec<String>| {
+            let g = g.clone();
+            async move {
+                self.end_grants(
+                    vec![g],
+                    &format!("no longer allowed: {}", words.join("; ")),
+                    actor,
+                    true,
+                )
+                .await
+            }
+        };
+        if self.is_export_device(&g.device_id).await.ok()? {
+            let user = self.store.user_by_id(&g.user_id).await.ok().flatten()?;
+            let groups = self.store.groups_of_user(&user.id).await.ok()?;
+            let d = policies.decide_export(
+                &g.resource,
+                &groups,
+                user.disabled,
+                ts(g.expires_ms),
+                ts(now),
+            );
+            return Some(match d {
+                crate::policy::ExportDecision::Allow { .. } => 0,
+                crate::policy::ExportDecision::Deny { reasons } => {
+                    end(reasons.iter().map(ToString::to_string).collect()).await
+                }
+            });
+        }
+        let bg = self
+            .store
+            .break_glass_for_grant(g.id)
+            .await
+            .ok()
+            .flatten()?;
+        let (user, facts) = match facts_for(self, &g.device_id, now).await {
+            Ok(f) => f,
+            Err(e) if e.code == ErrorCode::LoginRequired => {
+                return Some(
+                    self.end_grants(vec![g.clone()], &e.message, actor, true)
+                        .await,
+                );
+            }
+            Err(_) => return Some(0),
+        };
+        let request = AccessRequest {
+            user: user.username,
+            device_id: g.device_id.clone(),
+            resource: g.resource.clone(),
+        };
+        Some(
+            match policies.decide_break_glass(&request, &facts, &bg.reason, ts(now)) {
+                BreakGlassDecision::Allow { .. } => 0,
+                BreakGlassDecision::Deny { reasons } => {
+                    end(reasons.iter().map(ToString::to_string).collect()).await
+                }
+            },
+        )
+    }
+
     /// Marks expired grants as ended and takes their peers off the gateways. The gateways
     /// stopped passing their traffic at expiry by their own clocks already; the removal frees
     /// the entry there.
@@ -661,6 +935,11 @@ impl Controller {
                         json!({"device": g.device_id, "resource": g.resource}),
                     )
                     .await;
+                self.notify(
+                    crate::notify::kind::GRANT_TERMINATED,
+                    &g.id.to_string(),
+                    json!({"grant": g.id, "reason": "expired", "user_id": g.user_id, "device": g.device_id, "resource": g.resource}),
+                );
                 for gw in &g.gateway_ids {
                     if let Some(l) = self.registry.link(&format!("gateway:{gw}")) {
                         let push = Push::RemoveGrant {

@@ -276,11 +276,29 @@ impl Controller {
         trigger: &str,
     ) -> Result<usize, WireError> {
         let now = now_ms();
-        let grants = self
+        if self.is_export_device(device_id).await.map_err(internal)? {
+            // A device handed a WireGuard configuration reports no posture by design.
+            return Ok(0);
+        }
+        let mut grants = self
             .store
             .active_grants_for_device(device_id, now)
             .await
             .map_err(internal)?;
+        // Break-glass grants skip posture: an emergency does not wait for a security check.
+        let mut ordinary = Vec::with_capacity(grants.len());
+        for g in grants.drain(..) {
+            if self
+                .store
+                .break_glass_for_grant(g.id)
+                .await
+                .map_err(internal)?
+                .is_none()
+            {
+                ordinary.push(g);
+            }
+        }
+        let grants = ordinary;
         if grants.is_empty() {
             return Ok(0);
         }

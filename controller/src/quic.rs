@@ -275,6 +275,15 @@ async fn serve_requests(
                     });
                     continue;
                 }
+                if let (Request::BreakGlass { resource, reason, wg_public_key }, Peer::Device(d)) = (&body, peer) {
+                    let (ctl2, tx) = (ctl.clone(), out_tx.clone());
+                    let (device, resource, reason, key) = (d.id.clone(), resource.clone(), reason.clone(), wg_public_key.clone());
+                    requests.spawn(async move {
+                        let result = ctl2.break_glass(&device, &resource, &reason, &key).await.map(Response::Granted);
+                        let _ = tx.send(ServerMsg::Response { id, result }).await;
+                    });
+                    continue;
+                }
                 let result = dispatch(ctl, peer, body).await;
                 if let Err(e) = frame::write_frame(send, &ServerMsg::Response { id, result }).await {
                     warn!(error = %e, "cannot send a response; closing the connection");
@@ -326,17 +335,18 @@ async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Respon
             .disconnect(&d.id, grant_id)
             .await
             .map(|()| Response::Done),
-        (Request::Connect { .. }, Peer::Device(_)) => Err(WireError::new(
-            ErrorCode::Internal,
-            "connect is handled as a task",
-        )),
+        (Request::Connect { .. } | Request::BreakGlass { .. }, Peer::Device(_)) => Err(
+            WireError::new(ErrorCode::Internal, "connect is handled as a task"),
+        ),
         (Request::SyncGrants, _) => Err(WireError::new(
             ErrorCode::Forbidden,
             "only gateways sync grants",
         )),
-        (Request::Connect { .. } | Request::Disconnect { .. }, _) => Err(WireError::new(
-            ErrorCode::Forbidden,
-            "only enrolled devices ask for access",
-        )),
+        (Request::Connect { .. } | Request::Disconnect { .. } | Request::BreakGlass { .. }, _) => {
+            Err(WireError::new(
+                ErrorCode::Forbidden,
+                "only enrolled devices ask for access",
+            ))
+        }
     }
 }

@@ -263,6 +263,7 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
 
     let tasks = vec![
         tokio::spawn(sweep(controller.clone(), cancel.clone())),
+        tokio::spawn(crate::notify::run(controller.clone(), cancel.clone())),
         tokio::spawn(crate::quic::serve(
             controller.clone(),
             endpoint,

@@ -160,6 +160,8 @@ pub struct Controller {
     pub policies: crate::access::PolicyCache,
     /// Verifies ID tokens of the configured OpenID providers; `None` when none is trusted.
     pub verifier: Option<Arc<crate::identity::Verifier>>,
+    /// The webhook queue ([`Controller::notify`]); `crate::notify::run` delivers it.
+    pub notifier: crate::notify::Notifier,
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -206,6 +208,7 @@ impl Controller {
             registry: Registry::default(),
             policies: Default::default(),
             verifier,
+            notifier: Default::default(),
         })
     }
 

@@ -208,6 +208,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/users", get(list_users).post(create_user))
         .route("/api/v1/users/{username}/totp", post(enrol_totp))
         .merge(super::access_api::router())
+        .merge(super::breakglass_api::router())
         .with_state(ctl)
 }
 
@@ -224,6 +225,7 @@ async fn settings_view(ctl: &Controller) -> Result<Settings, Failure> {
         lockout_threshold: Some(id.lockout_threshold),
         lockout_window: Some(d(id.lockout_window)),
         lockout_period: Some(d(id.lockout_period)),
+        break_glass_overdue: Some(d(super::breakglass_api::overdue_after(ctl).await)),
     })
 }
 
@@ -263,6 +265,10 @@ async fn put_settings(
         (setting::LOCKOUT_THRESHOLD, threshold.as_deref()),
         (setting::LOCKOUT_WINDOW, s.lockout_window.as_deref()),
         (setting::LOCKOUT_PERIOD, s.lockout_period.as_deref()),
+        (
+            super::breakglass_api::SETTING_OVERDUE,
+            s.break_glass_overdue.as_deref(),
+        ),
     ];
     // All or nothing: check every value before writing any.
     for (name, v) in &changes {

@@ -74,6 +74,55 @@ pub enum AdminCmd {
     /// Live grants.
     #[command(subcommand)]
     Grant(GrantCmd),
+    /// The break-glass review queue.
+    #[command(subcommand)]
+    BreakGlass(BreakGlassCmd),
+    /// Webhook sinks for notifications (break-glass, terminations, …).
+    #[command(subcommand)]
+    Webhook(WebhookCmd),
+}
+
+/// Break-glass commands.
+#[derive(Debug, Subcommand)]
+pub enum BreakGlassCmd {
+    /// Lists break-glass events.
+    List {
+        /// Only those not yet reviewed.
+        #[arg(long)]
+        unreviewed: bool,
+        /// Only those unreviewed for longer than the overdue setting.
+        #[arg(long)]
+        overdue: bool,
+    },
+    /// Closes an event with a comment (required).
+    Review {
+        /// The event id (`bg_…`).
+        id: String,
+        /// Whether the access was justified and what was checked.
+        #[arg(long)]
+        comment: String,
+    },
+}
+
+/// Webhook commands.
+#[derive(Debug, Subcommand)]
+pub enum WebhookCmd {
+    /// Adds a sink. The secret is read from a file, never from the command line.
+    Add {
+        /// Where events are POSTed.
+        #[arg(long)]
+        url: String,
+        /// A file holding the HMAC secret (at least 16 bytes).
+        #[arg(long)]
+        secret_file: PathBuf,
+    },
+    /// Lists sinks (never their secrets).
+    List,
+    /// Removes a sink; its undelivered events are dropped.
+    Remove {
+        /// The sink's id (`wh_…`).
+        id: String,
+    },
 }
 
 /// Group commands.
@@ -132,6 +181,24 @@ pub enum GrantCmd {
     Revoke {
         /// Grant id.
         id: i64,
+    },
+    /// Hands out a grant as a standard WireGuard configuration, for a vendor device that
+    /// cannot run the client (the policy must allow it with wireguard_export). Audited as
+    /// "no posture"; the gateway drops the peer at the end.
+    Export {
+        /// The user (the vendor's account).
+        #[arg(long)]
+        user: String,
+        /// The resource.
+        #[arg(long)]
+        resource: String,
+        /// The end: RFC 3339 (`2025-03-04T16:00:00Z`) or a duration from now (`2h`).
+        #[arg(long)]
+        until: String,
+        /// The vendor's WireGuard public key; without it a key pair is made here and the
+        /// private key is shown once.
+        #[arg(long)]
+        public_key: Option<String>,
     },
 }
 
@@ -237,6 +304,9 @@ pub enum SettingsCmd {
         /// How long a locked user name stays locked, e.g. 15m.
         #[arg(long)]
         lockout_period: Option<String>,
+        /// A break-glass event unreviewed this long is listed as overdue, e.g. 24h.
+        #[arg(long)]
+        break_glass_overdue: Option<String>,
     },
 }
 
@@ -680,6 +750,137 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
             let r: serde_json::Value = c.post(&format!("/api/v1/grants/{id}/revoke"), &()).await?;
             print(json, &r, |_| format!("grant {id} revoked"))
         }
+        AdminCmd::Grant(GrantCmd::Export {
+            user,
+            resource,
+            until,
+            public_key,
+        }) => {
+            let until_ms = match humantime::parse_rfc3339_weak(&until) {
+                Ok(t) => wardgate_common::unix_ms(t),
+                Err(_) => {
+                    let d = humantime::parse_duration(&until).with_context(|| {
+                        format!("--until {until:?}: give RFC 3339 (2025-03-04T16:00:00Z) or a duration (2h)")
+                    })?;
+                    wardgate_common::unix_ms(std::time::SystemTime::now() + d)
+                }
+            };
+            let req = crate::export::ExportRequest {
+                user,
+                resource,
+                until_ms,
+                public_key,
+            };
+            let r: crate::export::ExportAnswer = c.post("/api/v1/grants/export", &req).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                    "grant_id": r.grant_id, "device_id": r.device_id, "expires_ms": r.expires_ms,
+                    "config": r.config.expose(), "controller_made_key": r.controller_made_key}))
+                    .unwrap_or_default()
+                );
+            } else {
+                eprintln!(
+                    "grant {} until {} (no posture; the gateway drops the peer then){}",
+                    r.grant_id,
+                    fmt_ms(r.expires_ms),
+                    if r.controller_made_key {
+                        "; this configuration holds the private key and is shown only now"
+                    } else {
+                        ""
+                    }
+                );
+                print!("{}", r.config.expose());
+            }
+            Ok(())
+        }
+        AdminCmd::BreakGlass(BreakGlassCmd::List {
+            unreviewed,
+            overdue,
+        }) => {
+            let r: serde_json::Value = c
+                .get(&format!(
+                    "/api/v1/break-glass?unreviewed={unreviewed}&overdue={overdue}"
+                ))
+                .await?;
+            print(json, &r, |r| {
+                r.as_array()
+                    .map(|es| {
+                        es.iter()
+                            .map(|e| {
+                                let state = match e["reviewed_by"].as_str() {
+                                    Some(by) => format!(
+                                        "reviewed by {by}: {}",
+                                        e["comment"].as_str().unwrap_or("")
+                                    ),
+                                    None if e["overdue"] == true => "UNREVIEWED, OVERDUE".into(),
+                                    None => "unreviewed".into(),
+                                };
+                                format!(
+                                    "{} {} {} → {} ({:?}) grant {} — {}",
+                                    e["id"].as_str().unwrap_or(""),
+                                    fmt_ms(e["at_ms"].as_i64().unwrap_or(0)),
+                                    e["user"].as_str().unwrap_or(""),
+                                    e["resource"].as_str().unwrap_or(""),
+                                    e["reason"].as_str().unwrap_or(""),
+                                    e["grant_id"],
+                                    state
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        AdminCmd::BreakGlass(BreakGlassCmd::Review { id, comment }) => {
+            let r: serde_json::Value = c
+                .post(
+                    &format!("/api/v1/break-glass/{id}/review"),
+                    &serde_json::json!({"comment": comment}),
+                )
+                .await?;
+            print(json, &r, |_| format!("break-glass event {id} reviewed"))
+        }
+        AdminCmd::Webhook(WebhookCmd::Add { url, secret_file }) => {
+            let secret = String::from_utf8(wardgate_common::files::read_secret(&secret_file)?)
+                .context("the secret file is not UTF-8")?
+                .trim()
+                .to_owned();
+            let r: serde_json::Value = c
+                .post(
+                    "/api/v1/webhooks",
+                    &serde_json::json!({"url": url, "secret": secret}),
+                )
+                .await?;
+            print(json, &r, |r| {
+                format!("webhook {} added for {url}", r["id"].as_str().unwrap_or(""))
+            })
+        }
+        AdminCmd::Webhook(WebhookCmd::List) => {
+            let r: serde_json::Value = c.get("/api/v1/webhooks").await?;
+            print(json, &r, |r| {
+                r.as_array()
+                    .map(|ws| {
+                        ws.iter()
+                            .map(|w| {
+                                format!(
+                                    "{} {}",
+                                    w["id"].as_str().unwrap_or(""),
+                                    w["url"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        AdminCmd::Webhook(WebhookCmd::Remove { id }) => {
+            let r = c.delete_empty(&format!("/api/v1/webhooks/{id}")).await?;
+            print(json, &r, |_| format!("webhook {id} removed"))
+        }
         AdminCmd::Settings(SettingsCmd::Show) => {
             let r: Settings = c.get("/api/v1/settings").await?;
             print(json, &r, settings_text)
@@ -692,8 +893,10 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
             lockout_threshold,
             lockout_window,
             lockout_period,
+            break_glass_overdue,
         }) => {
             let update = SettingsUpdate {
+                break_glass_overdue,
                 enrolment_requires_approval,
                 posture_report_interval_ms: posture_interval
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -712,7 +915,7 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
 fn settings_text(s: &Settings) -> String {
     let o = |v: &Option<String>| v.clone().unwrap_or_default();
     format!(
-        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}",
+        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}\nbreak-glass overdue after:   {}",
         s.enrolment_requires_approval,
         humantime::format_duration(std::time::Duration::from_millis(
             s.posture_report_interval_ms
@@ -721,7 +924,8 @@ fn settings_text(s: &Settings) -> String {
         o(&s.session_idle_timeout),
         s.lockout_threshold.unwrap_or_default(),
         o(&s.lockout_window),
-        o(&s.lockout_period)
+        o(&s.lockout_period),
+        o(&s.break_glass_overdue)
     )
 }
 

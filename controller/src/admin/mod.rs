@@ -4,6 +4,7 @@
 
 pub mod access_api;
 pub mod api;
+pub mod breakglass_api;
 pub mod cli;
 pub mod https;
 pub mod types;

@@ -128,6 +128,9 @@ pub struct Settings {
     /// How long a locked name stays locked (e.g. `15m`).
     #[serde(default)]
     pub lockout_period: Option<String>,
+    /// A break-glass event unreviewed this long is overdue (e.g. `24h`).
+    #[serde(default)]
+    pub break_glass_overdue: Option<String>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -158,6 +161,9 @@ pub struct SettingsUpdate {
     /// See [`Settings`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lockout_period: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass_overdue: Option<String>,
 }
 
 /// A TOTP enrolment, shown once.

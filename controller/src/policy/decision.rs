@@ -243,6 +243,32 @@ pub enum DenyReason {
         /// The version reported, if any.
         have: Option<Version>,
     },
+    /// Break-glass asked for a resource not marked for emergencies.
+    NotEmergency {
+        /// The resource.
+        resource: String,
+    },
+    /// Break-glass asked for an emergency resource no policy allows break-glass for.
+    NoBreakGlassPolicy {
+        /// The resource.
+        resource: String,
+    },
+    /// Break-glass without a reason.
+    ReasonRequired,
+    /// Break-glass with a reason longer than the limit.
+    ReasonTooLong {
+        /// The limit, in characters.
+        max: usize,
+    },
+    /// Break-glass from a sign-in without MFA (always required, whatever the policy says).
+    BreakGlassMfaRequired,
+    /// A WireGuard export asked under no policy that allows it for the resource.
+    ExportNotAllowed {
+        /// The resource.
+        resource: String,
+    },
+    /// A WireGuard export whose end is not in the future.
+    ExportEndsInPast,
     /// None of the policy's windows is open now.
     OutsideWindow {
         /// The windows in words ("Tuesdays 14:00–16:00 Europe/Berlin; …").
@@ -279,6 +305,13 @@ impl DenyReason {
             DenyReason::ProcessNotRunning { .. } => "process_not_running",
             DenyReason::ClientTooOld { .. } => "client_too_old",
             DenyReason::OutsideWindow { .. } => "outside_window",
+            DenyReason::NotEmergency { .. } => "not_emergency",
+            DenyReason::NoBreakGlassPolicy { .. } => "no_break_glass_policy",
+            DenyReason::ReasonRequired => "reason_required",
+            DenyReason::ReasonTooLong { .. } => "reason_too_long",
+            DenyReason::BreakGlassMfaRequired => "break_glass_mfa_required",
+            DenyReason::ExportNotAllowed { .. } => "export_not_allowed",
+            DenyReason::ExportEndsInPast => "export_ends_in_past",
         }
     }
 
@@ -389,6 +422,35 @@ impl fmt::Display for DenyReason {
                 ),
                 None => write!(f, "Update Wardgate to {min} or later"),
             },
+            DenyReason::NotEmergency { resource } => write!(
+                f,
+                "{resource} is not an emergency resource: break-glass cannot be used for it; \
+                 use wardgate connect, or call the IT service desk"
+            ),
+            DenyReason::NoBreakGlassPolicy { resource } => write!(
+                f,
+                "No policy allows break-glass for {resource}: call the IT service desk"
+            ),
+            DenyReason::ReasonRequired => f.write_str(
+                "Break-glass needs a reason: say why in --reason (e.g. \"stroke code, CT \
+                 review\"); it is recorded and reviewed",
+            ),
+            DenyReason::ReasonTooLong { max } => write!(
+                f,
+                "The break-glass reason is too long: keep it under {max} characters"
+            ),
+            DenyReason::BreakGlassMfaRequired => f.write_str(
+                "Break-glass needs multi-factor sign-in: sign in again with your one-time code \
+                 (wardgate login), then retry",
+            ),
+            DenyReason::ExportNotAllowed { resource } => write!(
+                f,
+                "No policy allows a WireGuard export for {resource}: set wireguard_export on \
+                 the policy first"
+            ),
+            DenyReason::ExportEndsInPast => {
+                f.write_str("The export's end time has passed: give an end in the future")
+            }
             DenyReason::OutsideWindow {
                 windows,
                 count,

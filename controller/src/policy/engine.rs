@@ -30,27 +30,31 @@ use crate::store::DeviceStatus;
 /// (read-only) between all decisions; a set that does not validate cannot be compiled.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicies {
-    resources: HashMap<String, CompiledResource>,
-    policies: Vec<CompiledPolicy>,
+    pub(super) resources: HashMap<String, CompiledResource>,
+    pub(super) policies: Vec<CompiledPolicy>,
 }
 
 #[derive(Debug, Clone)]
-struct CompiledResource {
-    resource: Resource,
+pub(super) struct CompiledResource {
+    pub(super) resource: Resource,
     /// Indices into `CompiledPolicies::policies`, in policy-set order.
-    policies: Vec<usize>,
+    pub(super) policies: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
-struct CompiledPolicy {
-    name: Arc<str>,
-    groups: Vec<String>,
+pub(super) struct CompiledPolicy {
+    pub(super) name: Arc<str>,
+    pub(super) groups: Vec<String>,
     mfa_required: bool,
     posture: Option<Arc<PostureProfile>>,
     max_report_age: SignedDuration,
-    windows: Windows,
-    max_grant: SignedDuration,
-    session_lifetime: SignedDuration,
+    pub(super) windows: Windows,
+    pub(super) max_grant: SignedDuration,
+    pub(super) session_lifetime: SignedDuration,
+    /// The break-glass cap, if the policy allows break-glass.
+    pub(super) break_glass: Option<SignedDuration>,
+    /// Whether grants may be exported as WireGuard configurations.
+    pub(super) wireguard_export: bool,
 }
 
 impl CompiledPolicies {
@@ -126,6 +130,8 @@ impl CompiledPolicies {
                 windows: Windows::new(windows),
                 max_grant: duration(c.max_grant),
                 session_lifetime: duration(c.session_lifetime),
+                break_glass: c.break_glass.map(|b| duration(b.cap)),
+                wireguard_export: c.wireguard_export,
             });
         }
         if !errors.is_empty() {
@@ -216,7 +222,7 @@ pub struct PostureVerdict {
 }
 
 /// Durations beyond `SignedDuration`'s range (about 292 billion years) are clamped.
-fn duration(d: std::time::Duration) -> SignedDuration {
+pub(super) fn duration(d: std::time::Duration) -> SignedDuration {
     SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
@@ -370,7 +376,7 @@ impl fmt::Display for Condition {
 
 /// Where the evaluation reports each condition. Closures keep the allow path free of
 /// allocation: only sinks that keep the details call them.
-trait Sink {
+pub(super) trait Sink {
     fn pass(&mut self, condition: impl FnOnce() -> Condition);
     fn fail(&mut self, condition: impl FnOnce() -> Condition, reason: impl FnOnce() -> DenyReason);
     fn not_required(&mut self, condition: impl FnOnce() -> Condition);
@@ -405,8 +411,8 @@ impl Sink for Count {
 
 /// Collects the reasons of failures.
 #[derive(Default)]
-struct Collect {
-    reasons: Vec<DenyReason>,
+pub(super) struct Collect {
+    pub(super) reasons: Vec<DenyReason>,
 }
 
 impl Sink for Collect {
@@ -449,7 +455,7 @@ impl Sink for Record {
 }
 
 /// Checks that do not depend on the policy: the account and the device.
-fn check_subject(facts: &Facts, sink: &mut impl Sink) {
+pub(super) fn check_subject(facts: &Facts, sink: &mut impl Sink) {
     sink.check(
         !facts.user_disabled,
         || Condition::Account,

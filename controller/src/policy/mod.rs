@@ -40,10 +40,12 @@
 //! nothing (the policy name is a shared `Arc<str>`); only denials and explanations allocate,
 //! for their words.
 //!
-//! # What comes later
+//! # Special requests
 //!
-//! Break-glass (issue 7) will be a kind of request for resources whose `emergency` flag is set,
-//! checked by this engine with its own rules (reason and MFA required, a short cap). Posture
+//! Break-glass (issue 7) is a kind of request for resources whose `emergency` flag is set,
+//! decided by [`CompiledPolicies::decide_break_glass`] with its own rules (reason and MFA
+//! required, windows skipped, a short cap); [`CompiledPolicies::decide_export`] decides the
+//! opt-in WireGuard export for devices that cannot run the client. Posture
 //! re-evaluation (issue 6) re-runs [`decide`] on each report; [`DenyReason::is_posture`] tells
 //! the posture failures apart.
 
@@ -52,6 +54,7 @@ mod engine;
 mod model;
 mod posture;
 mod request;
+mod special;
 mod validate;
 mod window;
 
@@ -63,8 +66,9 @@ pub use engine::{
     Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation, PostureVerdict,
     decide, explain,
 };
-pub use model::{Conditions, Policy, PolicySet, Resource};
+pub use model::{BreakGlass, Conditions, Policy, PolicySet, Resource};
 pub use posture::{PostureProfile, PostureReport, Tri, Version, VersionError};
 pub use request::{AccessRequest, Facts, Session};
+pub use special::{BreakGlassDecision, ExportDecision, MAX_REASON_LEN};
 pub use validate::{ValidationError, validate};
 pub use window::{Weekdays, Window, WindowError, WindowSpec, local_text, time_zone};

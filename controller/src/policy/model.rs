@@ -65,6 +65,25 @@ pub struct Conditions {
     /// sign-ins must sign in again. Must not be zero.
     #[serde(with = "duration_text")]
     pub session_lifetime: Duration,
+    /// Break-glass: members of the policy's groups may take emergency access to its
+    /// resources without windows or approvals, for at most `cap`, with a reason and MFA. Only
+    /// valid when every resource of the policy is marked `emergency`, so that emergency access
+    /// is a property an administrator chose for the resource, not a side effect of a policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<BreakGlass>,
+    /// Whether an administrator may hand out a grant under this policy as a standard
+    /// WireGuard configuration (`grant export`), for a vendor device that cannot run the
+    /// client. Off unless written down: such a device reports no posture.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wireguard_export: bool,
+}
+
+/// The break-glass part of a policy's [`Conditions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakGlass {
+    /// Longest an emergency grant lasts (e.g. `30m`); it is not renewed beyond this.
+    #[serde(with = "duration_text")]
+    pub cap: Duration,
 }
 
 fn yes() -> bool {

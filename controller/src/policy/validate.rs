@@ -163,6 +163,24 @@ pub enum ValidationError {
         /// The policy.
         policy: String,
     },
+    /// A policy allows break-glass for a resource not marked as emergency-capable.
+    #[error(
+        "policy {policy} allows break-glass for resource {resource}, which is not marked for \
+         emergencies: set \"emergency\": true on the resource, or remove break_glass from the \
+         policy (or the resource from it)"
+    )]
+    BreakGlassNotEmergency {
+        /// The policy.
+        policy: String,
+        /// The resource.
+        resource: String,
+    },
+    /// A break-glass cap of zero: emergency grants would end as they start.
+    #[error("policy {policy} has a break-glass cap of zero: set it, e.g. 30m")]
+    ZeroBreakGlassCap {
+        /// The policy.
+        policy: String,
+    },
     /// `max_report_age` is zero: every report would be stale on arrival.
     #[error("posture profile {profile} has a maximum report age of zero: set it, e.g. 2m")]
     ZeroMaxReportAge {
@@ -252,6 +270,24 @@ pub fn validate(set: &PolicySet) -> Result<(), Vec<ValidationError>> {
         }
         if c.session_lifetime == Duration::ZERO {
             errors.push(ValidationError::ZeroSessionLifetime { policy: policy() });
+        }
+        if let Some(bg) = &c.break_glass {
+            if bg.cap == Duration::ZERO {
+                errors.push(ValidationError::ZeroBreakGlassCap { policy: policy() });
+            }
+            for r in &p.resources {
+                let emergency = set
+                    .resources
+                    .iter()
+                    .find(|res| &res.name == r)
+                    .is_none_or(|res| res.emergency);
+                if !emergency {
+                    errors.push(ValidationError::BreakGlassNotEmergency {
+                        policy: policy(),
+                        resource: r.clone(),
+                    });
+                }
+            }
         }
     }
     check_overlaps(&set.resources, &mut errors);

@@ -238,6 +238,18 @@ impl Store {
         g: &NewGrant,
         events: impl Fn(i64) -> Vec<super::NewAuditEvent>,
     ) -> Result<Grant, StoreError> {
+        self.insert_grant_with(g, events, None).await
+    }
+
+    /// Like [`Store::insert_grant_audited`], and, for a break-glass grant, writes its
+    /// review-queue row in the same transaction: emergency access never exists without the
+    /// entry an administrator must close.
+    pub async fn insert_grant_with(
+        &self,
+        g: &NewGrant,
+        events: impl Fn(i64) -> Vec<super::NewAuditEvent>,
+        break_glass: Option<&super::NewBreakGlass>,
+    ) -> Result<Grant, StoreError> {
         check_json(&g.rules_json, "the rules of a new grant")?;
         let mut gateway_ids: Vec<String> = Vec::with_capacity(g.gateway_ids.len());
         for id in &g.gateway_ids {
@@ -266,7 +278,14 @@ impl Store {
         for _ in 0..ID_ATTEMPTS {
             let id = rand::thread_rng().gen_range(1..ID_LIMIT);
             match self
-                .try_insert_grant(id, g, &gateway_ids, &gateways_json, &events(id))
+                .try_insert_grant(
+                    id,
+                    g,
+                    &gateway_ids,
+                    &gateways_json,
+                    &events(id),
+                    break_glass,
+                )
                 .await
             {
                 Ok(()) => {
@@ -306,6 +325,7 @@ impl Store {
         gateway_ids: &[String],
         gateways_json: &str,
         events: &[super::NewAuditEvent],
+        break_glass: Option<&super::NewBreakGlass>,
     ) -> Result<(), InsertFailure> {
         let mut tx = if events.is_empty() {
             self.begin_write().await?
@@ -362,6 +382,9 @@ impl Store {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+        if let Some(bg) = break_glass {
+            super::breakglass::insert_in(&mut tx, id, g, bg).await?;
         }
         for e in events {
             super::audit::append_in(&mut tx, e).await?;

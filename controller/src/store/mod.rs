@@ -26,6 +26,7 @@
 
 mod admin_tokens;
 mod audit;
+mod breakglass;
 mod devices;
 mod documents;
 mod error;
@@ -42,6 +43,7 @@ pub use audit::{
     AUDIT_GENESIS_HASH, AuditBreak, AuditEvent, AuditProblem, AuditVerification, NewAuditEvent,
     audit_hash,
 };
+pub use breakglass::{BreakGlassEvent, NewBreakGlass, OutboxOutcome, OutboxRow, Webhook};
 pub use devices::{Device, DeviceStatus};
 pub use documents::DocKind;
 pub use error::{ConsumeTokenError, ParseStatusError, StoreError};

@@ -66,6 +66,8 @@ fn policy(name: &str, groups: &[&str], resources: &[&str]) -> Policy {
             windows: Vec::new(),
             max_grant: hours(8),
             session_lifetime: hours(12),
+            break_glass: None,
+            wireguard_export: false,
         },
     }
 }
@@ -134,6 +136,17 @@ pub(super) fn hospital() -> PolicySet {
             vendor,
         ],
     }
+}
+
+/// The hospital with break-glass for `pacs`: the ED physicians may break glass for 30 minutes
+/// (S6); the policy also asks for posture and has a window, both of which break-glass skips.
+pub(super) fn hospital_with_break_glass() -> PolicySet {
+    let mut set = hospital();
+    let mut ed = policy("ed-break-glass", &["ed-physicians"], &["pacs"]);
+    ed.conditions.windows = vec![WindowSpec::new(&["sat"], "10:00", "11:00", "Europe/Berlin")];
+    ed.conditions.break_glass = Some(BreakGlass { cap: minutes(30) });
+    set.policies.push(ed);
+    set
 }
 
 fn clinical_laptop() -> PostureProfile {

@@ -16,6 +16,35 @@ fn the_hospital_set_is_valid() {
 }
 
 #[test]
+fn break_glass_only_on_emergency_resources_and_with_a_cap() {
+    assert_eq!(errors(&hospital_with_break_glass()), []);
+    let mut set = hospital_with_break_glass();
+    let ed = set.policies.last_mut().expect("ed policy");
+    ed.resources.push("ehr-web".to_owned());
+    ed.conditions.break_glass = Some(BreakGlass {
+        cap: Duration::ZERO,
+    });
+    let errs = errors(&set);
+    assert_eq!(
+        errs,
+        [
+            ValidationError::ZeroBreakGlassCap {
+                policy: "ed-break-glass".to_owned()
+            },
+            ValidationError::BreakGlassNotEmergency {
+                policy: "ed-break-glass".to_owned(),
+                resource: "ehr-web".to_owned()
+            },
+        ]
+    );
+    let text = errs[1].to_string();
+    assert!(
+        text.contains("not marked for emergencies") && text.contains("\"emergency\": true"),
+        "{text}"
+    );
+}
+
+#[test]
 fn each_problem_alone_is_reported_in_words() {
     type Mutate = fn(&mut PolicySet);
     let cases: Vec<(&str, Mutate, ValidationError, &str)> = vec![
