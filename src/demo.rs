@@ -115,7 +115,9 @@ pub fn site(max_grant: &str) -> anyhow::Result<Site> {
         .args(["--listen", &format!("127.0.0.1:{gw_port}")])
         .arg("--socket")
         .arg(&socket)
-        .args(["--map", &format!("10.10.1.10:443=127.0.0.1:{http_port}")]);
+        .args(["--map", &format!("10.10.1.10:443=127.0.0.1:{http_port}")])
+        // PACS (break-glass tests, S6): published as 10.10.2.20:443, the same sample server.
+        .args(["--map", &format!("10.10.2.20:443=127.0.0.1:{http_port}")]);
     let gateway = Proc::spawn(cmd, &w.logs, "gateway")?;
     wait_for(Duration::from_secs(20), "the gateway to connect", || {
         std::fs::read_to_string(&gateway.stderr)

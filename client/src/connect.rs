@@ -115,6 +115,9 @@ pub struct ConnectOptions {
     pub socks: Option<SocketAddr>,
     /// How posture facts are collected ([`posture::system_collect`] for this machine).
     pub posture: CollectFn,
+    /// Break-glass with this reason instead of an ordinary connect: the grant lasts at most
+    /// the policy's cap and is not renewed (a new emergency is a new, reviewed request).
+    pub break_glass: Option<String>,
 }
 
 fn now_ms() -> i64 {
@@ -340,16 +343,23 @@ async fn ask(
     dir: &ConfigDir,
     resource: &str,
     renews: Option<u64>,
+    break_glass: Option<&str>,
 ) -> Result<KeyedGrant, ConnectError> {
     // A fresh key per grant: it never leaves this machine and dies with the grant.
     let key = keys::generate_private();
-    let answer = session
-        .request(Request::Connect {
+    let request = match break_glass {
+        Some(reason) => Request::BreakGlass {
+            resource: resource.to_owned(),
+            reason: reason.to_owned(),
+            wg_public_key: keys::public_of(&key),
+        },
+        None => Request::Connect {
             resource: resource.to_owned(),
             wg_public_key: keys::public_of(&key),
             renews,
-        })
-        .await;
+        },
+    };
+    let answer = session.request(request).await;
     match answer {
         Ok(Response::Granted(grant)) => {
             let _ = std::fs::remove_file(denial_file(dir));
@@ -417,7 +427,14 @@ pub async fn connect(
         // The controller asked for processes to be looked at: report with them.
         reporter.send_now(&session).await?;
     }
-    let first = ask(&session, dir, &opts.resource, None).await?;
+    let first = ask(
+        &session,
+        dir,
+        &opts.resource,
+        None,
+        opts.break_glass.as_deref(),
+    )
+    .await?;
     let grant = first.grant.clone();
     let rules = grant.rules.clone();
     let bound = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -483,7 +500,16 @@ pub async fn connect(
     info!(grant = grant.grant_id, resource = %opts.resource, "connected");
     tokio::pin!(stop);
     let mut current = grant;
-    let mut renew = renew_at(&current);
+    // Break-glass is not renewed: "renewal" there is the end of the emergency grant.
+    let expiry_of = |g: &ClientGrant| {
+        tokio::time::Instant::now()
+            + Duration::from_millis(u64::try_from(g.expires_at_ms - now_ms()).unwrap_or(0))
+    };
+    let mut renew = if opts.break_glass.is_some() {
+        expiry_of(&current)
+    } else {
+        renew_at(&current)
+    };
     let outcome = loop {
         let event = tokio::select! {
             _ = &mut stop => Event::Stop,
@@ -541,7 +567,9 @@ pub async fn connect(
                     Reconnected::Session(s) => {
                         info!("reconnected to the controller");
                         session = s;
-                        renew = tokio::time::Instant::now();
+                        if opts.break_glass.is_none() {
+                            renew = tokio::time::Instant::now();
+                        }
                     }
                     Reconnected::Stopped => break Ok(()),
                     Reconnected::Expired => {
@@ -571,12 +599,25 @@ pub async fn connect(
                     }
                 }
             }
+            Event::Renew if opts.break_glass.is_some() => {
+                remember_denial(
+                    dir,
+                    &opts.resource,
+                    vec!["the break-glass grant reached its cap".into()],
+                );
+                break Err(ConnectError::Ended {
+                    resource: opts.resource.clone(),
+                    reason: "the break-glass grant reached its cap; break glass again if the \
+                             emergency goes on"
+                        .into(),
+                });
+            }
             Event::Renew => {
                 // A renewal is a new decision: give it fresh facts.
                 if let Err(e) = reporter.send_now(&session).await {
                     debug!(error = %e, "posture report before renewal not sent");
                 }
-                match ask(&session, dir, &opts.resource, Some(current.grant_id)).await {
+                match ask(&session, dir, &opts.resource, Some(current.grant_id), None).await {
                     Ok(next) => {
                         let g = next.grant.clone();
                         tunnel.add_grant(next).await?;

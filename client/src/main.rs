@@ -74,6 +74,28 @@ enum Cmd {
         #[arg(long, default_value = "wardgate0")]
         tun_name: String,
     },
+    /// Emergency access: breaks glass for a resource marked for emergencies, at once and for
+    /// at most the policy's cap (not renewed), with a reason that is recorded, alerted and
+    /// reviewed. Needs a multi-factor login (`wardgate login` with your one-time code).
+    BreakGlass {
+        /// The resource, e.g. `pacs`.
+        resource: String,
+        /// Why (required), e.g. "stroke code, CT review".
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// `tun` (admin rights) or `userspace` (no admin rights: local forwards, SOCKS5).
+        #[arg(long, default_value = "userspace")]
+        mode: String,
+        /// Userspace mode: a local port forward `LOCAL_PORT` or `LOCAL_PORT=HOST:PORT`.
+        #[arg(long = "forward")]
+        forwards: Vec<String>,
+        /// Userspace mode: serve SOCKS5 on this loopback address.
+        #[arg(long)]
+        socks: Option<std::net::SocketAddr>,
+        /// TUN interface name.
+        #[arg(long, default_value = "wardgate0")]
+        tun_name: String,
+    },
     /// Ends the running `connect` (the controller ends its grant at once).
     Disconnect,
     /// Shows what this device reports about itself (OS, disk encryption, firewall, screen lock,
@@ -273,13 +295,26 @@ async fn real_main() -> anyhow::Result<()> {
                 );
             }
         }
-        Cmd::Connect {
-            resource,
-            mode,
-            forwards,
-            socks,
-            tun_name,
-        } => {
+        cmd @ (Cmd::Connect { .. } | Cmd::BreakGlass { .. }) => {
+            let (resource, mode, forwards, socks, tun_name, break_glass) = match cmd {
+                Cmd::Connect {
+                    resource,
+                    mode,
+                    forwards,
+                    socks,
+                    tun_name,
+                } => (resource, mode, forwards, socks, tun_name, None),
+                Cmd::BreakGlass {
+                    resource,
+                    reason,
+                    mode,
+                    forwards,
+                    socks,
+                    tun_name,
+                } => (resource, mode, forwards, socks, tun_name, Some(reason)),
+                _ => unreachable!("matched above"),
+            };
+            let emergency = break_glass.is_some();
             let mut fw = Vec::new();
             for f in &forwards {
                 match f.split_once('=') {
@@ -307,11 +342,16 @@ async fn real_main() -> anyhow::Result<()> {
                 forwards: fw,
                 socks,
                 posture: wardgate_client::posture::system_collect(),
+                break_glass,
             };
             let r = wardgate_client::connect::connect(&dir, opts, wardgate_common::signal::shutdown(), |g, listening| {
+                let cap_s = (g.expires_at_ms - wardgate_common::unix_ms(std::time::SystemTime::now())).max(0) / 1000;
                 if json {
                     println!("{}", serde_json::json!({"event": "connected", "grant_id": g.grant_id, "resource": g.resource,
-                        "expires_at_ms": g.expires_at_ms, "listening": listening}));
+                        "expires_at_ms": g.expires_at_ms, "listening": listening, "break_glass": emergency}));
+                } else if emergency {
+                    println!("BREAK-GLASS access to {} (grant {}) until {} — at most {} min, not renewed; security has been alerted and the access will be reviewed",
+                        g.resource, g.grant_id, fmt_ms(g.expires_at_ms), (cap_s + 59) / 60);
                 } else {
                     println!("Connected to {} (grant {}), until {}", g.resource, g.grant_id, fmt_ms(g.expires_at_ms));
                     for l in listening {

@@ -63,6 +63,8 @@ pub const SIGNATURE_HEADER: &str = "X-Wardgate-Signature";
 pub const TIMESTAMP_HEADER: &str = "X-Wardgate-Timestamp";
 /// Header carrying the event id.
 pub const EVENT_HEADER: &str = "X-Wardgate-Event";
+/// Header carrying which attempt this is (1 = first), for the receiver's diagnostics.
+pub const ATTEMPT_HEADER: &str = "X-Wardgate-Attempt";
 
 /// Event types other features use.
 pub mod kind {
@@ -377,6 +379,7 @@ async fn attempt(http: &reqwest::Client, sink: &Webhook, row: &OutboxRow) -> Res
         .header(TIMESTAMP_HEADER, ts.to_string())
         .header(SIGNATURE_HEADER, sig)
         .header(EVENT_HEADER, row.event_id.as_str())
+        .header(ATTEMPT_HEADER, (row.attempts + 1).to_string())
         .body(row.body.clone())
         .send()
         .await
