@@ -2435,3 +2435,210 @@ async fn identity_totp_steps_throttle_oidc_users_and_sessions() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn break_glass_queue_webhooks_and_outbox() {
+    use wardgate_controller::store::{NewBreakGlass, OutboxOutcome, OutboxRow, Webhook};
+    on_both(|t| async move {
+        let store = t.open().await;
+        store.insert_user(&user("usr_1", "ben")).await.unwrap();
+        store
+            .insert_device(&device("dev_1", "usr_1"))
+            .await
+            .unwrap();
+        store
+            .insert_gateway(&gateway("gw_1", "alpha", "fp-a"))
+            .await
+            .unwrap();
+        // The review row commits with the grant and its audit row.
+        let bg = NewBreakGlass {
+            id: "bg_1".into(),
+            reason: "stroke code, CT review".into(),
+        };
+        let g = store
+            .insert_grant_with(
+                &new_grant("dev_1", "usr_1", "k1", &["gw_1"], 1_801_000),
+                |id| vec![event(id)],
+                Some(&bg),
+            )
+            .await
+            .unwrap();
+        let plain = store
+            .insert_grant(&new_grant("dev_1", "usr_1", "k2", &["gw_1"], 9_000))
+            .await
+            .unwrap();
+        let e = store.break_glass_for_grant(g.id).await.unwrap().unwrap();
+        assert_eq!(
+            (e.id.as_str(), e.reason.as_str(), e.at_ms, e.expires_ms),
+            ("bg_1", "stroke code, CT review", 1_000, 1_801_000)
+        );
+        assert!(
+            store
+                .break_glass_for_grant(plain.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(store.list_break_glass(true, None).await.unwrap().len(), 1);
+        assert_eq!(
+            store.list_break_glass(true, Some(999)).await.unwrap().len(),
+            0
+        );
+        assert_eq!(
+            store
+                .list_break_glass(true, Some(1_000))
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // A second break-glass row for the same grant is refused; nothing half-written.
+        let dup = NewBreakGlass {
+            id: "bg_2".into(),
+            reason: "again".into(),
+        };
+        assert!(
+            store
+                .insert_grant_with(
+                    &new_grant("dev_1", "usr_1", "k1", &["gw_1"], 5_000),
+                    |_| vec![],
+                    Some(&dup)
+                )
+                .await
+                .is_err()
+        );
+        // Review: a comment is needed, it closes once, and the audit row commits with it.
+        let audit = |c: &str| NewAuditEvent {
+            at_ms: 2_000,
+            actor: "admin:a".into(),
+            action: "break_glass.review".into(),
+            target: "bg_1".into(),
+            outcome: "ok".into(),
+            detail: json!({"comment": c}),
+        };
+        assert!(matches!(
+            store
+                .review_break_glass("bg_1", "admin:a", " ", 2_000, &audit(" "))
+                .await,
+            Err(StoreError::Invalid { .. })
+        ));
+        assert!(matches!(
+            store
+                .review_break_glass("bg_9", "admin:a", "x", 2_000, &audit("x"))
+                .await,
+            Err(StoreError::NotFound { .. })
+        ));
+        let r = store
+            .review_break_glass("bg_1", "admin:a", "justified", 2_000, &audit("justified"))
+            .await
+            .unwrap();
+        assert_eq!(r.reviewed_by.as_deref(), Some("admin:a"));
+        assert_eq!(r.comment.as_deref(), Some("justified"));
+        let again = store
+            .review_break_glass("bg_1", "admin:b", "late", 3_000, &audit("late"))
+            .await;
+        assert!(
+            matches!(&again, Err(StoreError::Conflict { what }) if what.contains("admin:a")),
+            "{again:?}"
+        );
+        assert!(store.list_break_glass(true, None).await.unwrap().is_empty());
+        let rows = store.list_audit(None, None).await.unwrap();
+        assert_eq!(
+            rows.iter()
+                .filter(|e| e.action == "break_glass.review")
+                .count(),
+            1
+        );
+
+        // Webhooks: the secret is kept for signing; Debug never shows it.
+        let hook = Webhook {
+            id: "wh_1".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "topsecret-0123456789".into(),
+            created_ms: 1,
+        };
+        store.insert_webhook(&hook).await.unwrap();
+        assert!(matches!(
+            store.insert_webhook(&hook).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(store.list_webhooks().await.unwrap(), vec![hook.clone()]);
+        assert!(!format!("{hook:?}").contains("topsecret"));
+
+        // Outbox: due order, one claim wins, outcomes recorded.
+        let row = |id: &str, next_ms: i64| OutboxRow {
+            id: id.into(),
+            event_id: format!("ev_{id}"),
+            webhook_id: "wh_1".into(),
+            body: format!(r#"{{"id":"ev_{id}"}}"#),
+            attempts: 0,
+            next_ms,
+            created_ms: 100,
+            delivered_ms: None,
+            failed_ms: None,
+            last_error: None,
+        };
+        store
+            .insert_outbox(&[row("a", 100), row("b", 50), row("c", 5_000)])
+            .await
+            .unwrap();
+        let due = store.due_outbox(1_000, 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
+        assert_eq!(store.next_outbox_due().await.unwrap(), Some(50));
+        assert!(store.claim_outbox("b", 50, 31_000).await.unwrap());
+        assert!(
+            !store.claim_outbox("b", 50, 31_000).await.unwrap(),
+            "one claim wins"
+        );
+        store
+            .record_outbox_attempt(
+                "b",
+                1,
+                OutboxOutcome::Retry {
+                    next_ms: 600,
+                    error: "refused",
+                },
+                100,
+            )
+            .await
+            .unwrap();
+        store
+            .record_outbox_attempt("a", 1, OutboxOutcome::Delivered, 120)
+            .await
+            .unwrap();
+        store
+            .record_outbox_attempt("c", 10, OutboxOutcome::GaveUp { error: "HTTP 500" }, 130)
+            .await
+            .unwrap();
+        let all = store.list_outbox().await.unwrap();
+        let get = |id: &str| all.iter().find(|r| r.id == id).unwrap().clone();
+        assert_eq!((get("a").attempts, get("a").delivered_ms), (1, Some(120)));
+        assert_eq!(
+            (get("b").next_ms, get("b").last_error.as_deref()),
+            (600, Some("refused"))
+        );
+        assert_eq!(get("c").failed_ms, Some(130));
+        assert_eq!(
+            store
+                .due_outbox(i64::MAX, 10)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.id.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
+        // Removing the sink drops what it would still have received.
+        store.delete_webhook("wh_1").await.unwrap();
+        assert!(store.due_outbox(i64::MAX, 10).await.unwrap().is_empty());
+        assert!(matches!(
+            store.delete_webhook("wh_1").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        store.close().await;
+    })
+    .await;
+}
