@@ -1900,6 +1900,46 @@ async fn a_grant_and_its_audit_events_commit_together() {
                 "grant {id} has its event"
             );
         }
+
+        // Refusals inside a batch (five racing for one key, one for a missing gateway) undo
+        // only themselves: the others commit with their events, the refused leave none.
+        let before = store.list_audit(None, None).await.unwrap().len();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..30 {
+            let store = store.clone();
+            set.spawn(async move {
+                let key = if i % 6 == 0 {
+                    "dup".to_owned()
+                } else {
+                    format!("b{i}")
+                };
+                let gw = if i == 7 { "gw_9" } else { "gw_1" };
+                store
+                    .insert_grant_audited(&new_grant("dev_1", "usr_1", &key, &[gw], 10_000), |id| {
+                        let mut e = event(4);
+                        e.target = id.to_string();
+                        vec![e]
+                    })
+                    .await
+            });
+        }
+        let (mut ok, mut conflicts, mut missing) = (0, 0, 0);
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Conflict { .. }) => conflicts += 1,
+                Err(StoreError::NotFound { .. }) => missing += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((ok, conflicts, missing), (25, 4, 1));
+        let log = store.list_audit(None, None).await.unwrap();
+        assert_eq!(
+            log.len(),
+            before + 25,
+            "one event per committed grant, none for refusals"
+        );
+        assert_chain(&log);
         store.close().await;
     })
     .await;

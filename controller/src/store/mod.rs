@@ -117,6 +117,8 @@ pub struct Store {
     /// so concurrent grants contending inside the database ran at a few hundred per second;
     /// queued here they go back to back.
     sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The SQLite group-commit queue for grants, started on first use.
+    grant_batcher: std::sync::Arc<tokio::sync::OnceCell<grants::GrantBatch>>,
 }
 
 /// A write transaction, holding this process's SQLite writer slot (if any) until it commits
@@ -205,6 +207,7 @@ impl Store {
             pool,
             backend,
             sqlite_writer: Default::default(),
+            grant_batcher: Default::default(),
         })
     }
 
