@@ -194,6 +194,27 @@ async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
     }
 }
 
+/// The session refresher: asks each OIDC session's provider, at the refresh interval,
+/// whether the user may still be signed in (see `Controller::refresh_sessions`). Its own task,
+/// so a slow provider never holds up the sweeper's session and posture work.
+async fn refresh(ctl: Arc<Controller>, mut cancel: CancelToken) {
+    if ctl.verifier.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        tokio::select! {
+            _ = ctl.refresh_sessions() => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// Loads the data directory, binds both listeners and starts serving until `cancel` fires.
 pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running> {
     let config = ControllerConfig::load(dir)?;
@@ -221,7 +242,13 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
 
     let store = Store::open(&config.database_url).await?;
     let verifier = load_identity(dir)?;
-    let controller = Controller::with_verifier(store, ca, verifier);
+    let sealer = match &verifier {
+        Some(_) => Some(Arc::new(crate::identity::Sealer::load_or_create(
+            &dir.refresh_key(),
+        )?)),
+        None => None,
+    };
+    let controller = Controller::with_identity(store, ca, verifier, sealer);
 
     let quic_cfg =
         wardgate_common::tls::server_config(chain.clone(), key_der.clone_key(), &ca_der)?;
@@ -263,6 +290,7 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
 
     let tasks = vec![
         tokio::spawn(sweep(controller.clone(), cancel.clone())),
+        tokio::spawn(refresh(controller.clone(), cancel.clone())),
         tokio::spawn(crate::quic::serve(
             controller.clone(),
             endpoint,

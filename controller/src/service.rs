@@ -160,6 +160,9 @@ pub struct Controller {
     pub policies: crate::access::PolicyCache,
     /// Verifies ID tokens of the configured OpenID providers; `None` when none is trusted.
     pub verifier: Option<Arc<crate::identity::Verifier>>,
+    /// Seals the providers' refresh tokens before they reach the store; `None` when no
+    /// provider is trusted.
+    pub sealer: Option<Arc<crate::identity::Sealer>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -200,12 +203,24 @@ impl Controller {
         ca: Ca,
         verifier: Option<Arc<crate::identity::Verifier>>,
     ) -> Arc<Self> {
+        Self::with_identity(store, ca, verifier, None)
+    }
+
+    /// A controller trusting `verifier`'s providers and keeping their refresh tokens sealed
+    /// with `sealer`.
+    pub fn with_identity(
+        store: Store,
+        ca: Ca,
+        verifier: Option<Arc<crate::identity::Verifier>>,
+        sealer: Option<Arc<crate::identity::Sealer>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             ca,
             registry: Registry::default(),
             policies: Default::default(),
             verifier,
+            sealer,
         })
     }
 

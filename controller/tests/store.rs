@@ -2475,3 +2475,106 @@ async fn identity_totp_steps_throttle_oidc_users_and_sessions() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn session_refresh_rows_are_claimed_once_and_die_with_their_session() {
+    use wardgate_controller::store::{LoginMethod, Session, SessionRefresh};
+    on_both(|t| async move {
+        let s = t.open().await;
+        let mut u = user("usr_1", "amara");
+        u.password_hash = None;
+        s.insert_oidc_user(&u, "https://idp.example", "sub-amara")
+            .await
+            .unwrap();
+        s.insert_device(&device("dev_1", "usr_1")).await.unwrap();
+        s.insert_device(&device("dev_2", "usr_1")).await.unwrap();
+        let sess = |id: &str, dev: &str, created: i64| Session {
+            id: id.into(),
+            user_id: "usr_1".into(),
+            device_id: dev.into(),
+            method: LoginMethod::Oidc,
+            provider: Some("staff".into()),
+            mfa: true,
+            groups: Some(vec!["clinicians".into()]),
+            created_ms: created,
+            last_used_ms: created,
+            expires_ms: created + 100_000,
+            idle_timeout_ms: 100_000,
+            ended_ms: None,
+            end_reason: None,
+        };
+        let refresh = |id: &str, next: i64| SessionRefresh {
+            session_id: id.into(),
+            provider: "staff".into(),
+            client_id: "wardgate-cli".into(),
+            token_sealed: format!("v1.sealed-{id}"),
+            next_refresh_ms: next,
+            failures: 0,
+            last_error: None,
+        };
+        s.insert_session_with_refresh(
+            &sess("ses_1", "dev_1", 1_000),
+            Some(&refresh("ses_1", 3_000)),
+        )
+        .await
+        .unwrap();
+        s.insert_session_with_refresh(
+            &sess("ses_2", "dev_2", 1_000),
+            Some(&refresh("ses_2", 9_000)),
+        )
+        .await
+        .unwrap();
+        // Only what is due, and only once while leased.
+        let due = s.claim_due_refreshes(5_000, 60_000, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].session_id, "ses_1");
+        assert_eq!(due[0].token_sealed, "v1.sealed-ses_1");
+        assert!(
+            s.claim_due_refreshes(5_000, 60_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A transient failure keeps the row with its count; success resets it.
+        s.refresh_failed("ses_1", 1, "HTTP 503", 6_000)
+            .await
+            .unwrap();
+        let r = s.session_refresh("ses_1").await.unwrap().expect("row");
+        assert_eq!((r.failures, r.next_refresh_ms), (1, 6_000));
+        assert_eq!(r.last_error.as_deref(), Some("HTTP 503"));
+        s.refresh_succeeded("ses_1", "v1.rotated", 20_000)
+            .await
+            .unwrap();
+        let r = s.session_refresh("ses_1").await.unwrap().expect("row");
+        assert_eq!(
+            (r.failures, r.last_error, r.token_sealed.as_str()),
+            (0, None, "v1.rotated")
+        );
+        // Ending the session drops its token, and a second end is a no-op.
+        let ended = s
+            .end_session("ses_1", "disabled at the provider", 21_000)
+            .await
+            .unwrap();
+        assert_eq!(ended.map(|e| e.id).as_deref(), Some("ses_1"));
+        assert!(s.session_refresh("ses_1").await.unwrap().is_none());
+        assert!(
+            s.end_session("ses_1", "again", 22_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // A new login on dev_2 supersedes ses_2 and drops its token.
+        s.insert_session(&sess("ses_3", "dev_2", 30_000))
+            .await
+            .unwrap();
+        assert!(s.session_refresh("ses_2").await.unwrap().is_none());
+        assert!(
+            s.claim_due_refreshes(200_000, 60_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        s.close().await;
+    })
+    .await;
+}

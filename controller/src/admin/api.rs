@@ -224,6 +224,7 @@ async fn settings_view(ctl: &Controller) -> Result<Settings, Failure> {
         lockout_threshold: Some(id.lockout_threshold),
         lockout_window: Some(d(id.lockout_window)),
         lockout_period: Some(d(id.lockout_period)),
+        session_refresh_interval: Some(d(id.refresh_interval)),
     })
 }
 
@@ -263,6 +264,10 @@ async fn put_settings(
         (setting::LOCKOUT_THRESHOLD, threshold.as_deref()),
         (setting::LOCKOUT_WINDOW, s.lockout_window.as_deref()),
         (setting::LOCKOUT_PERIOD, s.lockout_period.as_deref()),
+        (
+            setting::REFRESH_INTERVAL,
+            s.session_refresh_interval.as_deref(),
+        ),
     ];
     // All or nothing: check every value before writing any.
     for (name, v) in &changes {

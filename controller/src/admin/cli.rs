@@ -237,6 +237,10 @@ pub enum SettingsCmd {
         /// How long a locked user name stays locked, e.g. 15m.
         #[arg(long)]
         lockout_period: Option<String>,
+        /// How often OIDC sessions are checked at their identity provider (a refresh), e.g.
+        /// 5m: a user disabled there loses access within about this long.
+        #[arg(long)]
+        session_refresh_interval: Option<String>,
     },
 }
 
@@ -692,6 +696,7 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
             lockout_threshold,
             lockout_window,
             lockout_period,
+            session_refresh_interval,
         }) => {
             let update = SettingsUpdate {
                 enrolment_requires_approval,
@@ -702,6 +707,7 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                 lockout_threshold,
                 lockout_window,
                 lockout_period,
+                session_refresh_interval,
             };
             let r: Settings = c.put("/api/v1/settings", &update).await?;
             print(json, &r, settings_text)
@@ -712,7 +718,7 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
 fn settings_text(s: &Settings) -> String {
     let o = |v: &Option<String>| v.clone().unwrap_or_default();
     format!(
-        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}",
+        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}\nsession refresh interval:    {}",
         s.enrolment_requires_approval,
         humantime::format_duration(std::time::Duration::from_millis(
             s.posture_report_interval_ms
@@ -721,7 +727,8 @@ fn settings_text(s: &Settings) -> String {
         o(&s.session_idle_timeout),
         s.lockout_threshold.unwrap_or_default(),
         o(&s.lockout_window),
-        o(&s.lockout_period)
+        o(&s.lockout_period),
+        o(&s.session_refresh_interval)
     )
 }
 

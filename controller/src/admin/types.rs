@@ -128,6 +128,10 @@ pub struct Settings {
     /// How long a locked name stays locked (e.g. `15m`).
     #[serde(default)]
     pub lockout_period: Option<String>,
+    /// How often OIDC sessions are refreshed at their provider (e.g. `5m`): how soon a user
+    /// disabled there loses access.
+    #[serde(default)]
+    pub session_refresh_interval: Option<String>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -158,6 +162,9 @@ pub struct SettingsUpdate {
     /// See [`Settings`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lockout_period: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_refresh_interval: Option<String>,
 }
 
 /// A TOTP enrolment, shown once.
