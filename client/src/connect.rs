@@ -6,14 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use wardgate_common::grant::ClientGrant;
 use wardgate_common::proto::{ErrorCode, Push, Request, Response, close};
 use wardgate_common::transport::{ClientError, ControlClient, ControlSession};
-use wardgate_common::{files, keys, unix_ms};
+use wardgate_common::{files, keys};
 
 use crate::datapath::{self, KeyedGrant, Mode};
 use crate::enrol;
@@ -118,7 +118,7 @@ pub struct ConnectOptions {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn connection_file(dir: &ConfigDir) -> PathBuf {

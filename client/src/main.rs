@@ -24,6 +24,10 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Testing only: read the wall clock as the real one plus the offset (ms) in this file.
+    /// Hidden; never set in production (see `wardgate_common::clock`).
+    #[arg(long, global = true, hide = true)]
+    test_clock: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -208,6 +212,13 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(f) = cli.test_clock.clone() {
+        wardgate_common::clock::use_test_clock(f.clone());
+        eprintln!(
+            "warning: running on the test clock {} (testing only)",
+            f.display()
+        );
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -388,10 +399,7 @@ async fn real_main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if let Some(c) = &conn {
-                    let left = (c.expires_at_ms
-                        - wardgate_common::unix_ms(std::time::SystemTime::now()))
-                    .max(0)
-                        / 1000;
+                    let left = (c.expires_at_ms - wardgate_common::clock::now_ms()).max(0) / 1000;
                     println!(
                         "Grant:      {} (grant {}), {}m{}s left, renewal {}",
                         c.resource,

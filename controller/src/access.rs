@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +24,6 @@ use wardgate_common::grant::{ClientGrant, GatewayGrant};
 use wardgate_common::keys;
 use wardgate_common::proto::{ErrorCode, Push, Secret, ServerMsg, WireError};
 use wardgate_common::rule::Rule;
-use wardgate_common::unix_ms;
 
 use crate::policy::{AccessRequest, CompiledPolicies, Decision, Facts, PolicySet, Session};
 use crate::service::Controller;
@@ -96,7 +95,7 @@ impl PeerLink {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn ts(ms: i64) -> jiff::Timestamp {

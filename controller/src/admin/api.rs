@@ -2,7 +2,6 @@
 //! every change is audited with the token's id as the actor.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
@@ -13,7 +12,6 @@ use axum::{Json, Router};
 use ipnet::IpNet;
 use serde_json::json;
 use tracing::{info, warn};
-use wardgate_common::unix_ms;
 
 use super::types::*;
 use crate::ca::LeafRole;
@@ -64,7 +62,7 @@ fn bad_request(msg: impl Into<String>) -> Failure {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// An authenticated administrator (the admin token's id).
