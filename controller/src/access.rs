@@ -218,6 +218,8 @@ pub async fn facts_for(
         device: device.status,
         user_disabled: user.disabled,
         posture,
+        approvals: Vec::new(),
+        vendor: None,
     };
     Ok((user, facts))
 }

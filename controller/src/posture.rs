@@ -410,6 +410,8 @@ mod tests {
             device: DeviceStatus::Approved,
             user_disabled: false,
             posture: report,
+            approvals: Vec::new(),
+            vendor: None,
         }
     }
 

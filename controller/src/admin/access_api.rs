@@ -448,6 +448,8 @@ async fn dry_run(
             device: crate::store::DeviceStatus::Approved,
             user_disabled: user.disabled,
             posture: None,
+            approvals: Vec::new(),
+            vendor: None,
         },
     };
     let policies = ctl.policies.get(&ctl).await.map_err(|e| bad(e.message))?;
