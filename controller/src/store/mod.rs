@@ -35,6 +35,7 @@ mod groups;
 mod identity;
 mod join_tokens;
 mod posture;
+mod requests;
 mod users;
 
 pub use admin_tokens::AdminToken;
@@ -51,6 +52,7 @@ pub use groups::Group;
 pub use identity::{LoginMethod, Session, Throttle};
 pub use join_tokens::JoinToken;
 pub use posture::{PostureAccept, StoredPosture};
+pub use requests::{AccessRequestRow, NewAccessRequest, RequestDecision, RequestState, Vendor};
 pub use users::User;
 
 use sqlx::any::AnyPoolOptions;
