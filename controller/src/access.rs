@@ -173,7 +173,8 @@ impl PolicyCache {
 
 /// Gathers the facts the engine decides on for `device_id` now, from the device, its owner
 /// and the device's live login session (groups and MFA as that login established them; the
-/// session's end bounds every grant). No live session → `LoginRequired`.
+/// session's end bounds every grant), the user's approved access windows on this device and
+/// their vendor's contract. No live session → `LoginRequired`.
 pub async fn facts_for(
     ctl: &Controller,
     device_id: &str,
@@ -218,8 +219,19 @@ pub async fn facts_for(
         device: device.status,
         user_disabled: user.disabled,
         posture,
-        approvals: Vec::new(),
-        vendor: None,
+        approvals: crate::requests::approved_facts(
+            &ctl.store
+                .approved_windows(&user.id, device_id, now)
+                .await
+                .map_err(internal)?,
+        ),
+        vendor: ctl
+            .store
+            .vendor_of_user(&user.id)
+            .await
+            .map_err(internal)?
+            .as_ref()
+            .map(crate::requests::contract_facts),
     };
     Ok((user, facts))
 }
@@ -457,6 +469,7 @@ impl Controller {
             tunnel_addr: std::net::IpAddr::V4(tunnel),
             rules: serde_json::from_str(&grant.rules_json).map_err(internal)?,
             expires_at_ms: grant.expires_ms,
+            renewable: bounds.renewable(),
         })
     }
 

@@ -14,6 +14,7 @@ pub mod login;
 pub mod policy;
 pub mod posture;
 pub mod quic;
+pub mod requests;
 pub mod run;
 pub mod secrets;
 pub mod service;

@@ -69,6 +69,9 @@ fn now_ms() -> i64 {
 pub struct Admin {
     /// The audit actor (`admin:<token id>`).
     pub actor: String,
+    /// The person, when they signed in with an OpenID provider (user name and the groups
+    /// their token carries); `None` for admin tokens, which are no person.
+    pub person: Option<(String, Vec<String>)>,
 }
 
 impl FromRequestParts<Arc<Controller>> for Admin {
@@ -97,6 +100,7 @@ impl FromRequestParts<Arc<Controller>> for Admin {
             Some(t) if t.revoked_ms.is_none() && t.expires_ms.is_none_or(|e| e > now) => {
                 Ok(Admin {
                     actor: format!("admin:{}", t.id),
+                    person: None,
                 })
             }
             Some(_) => Err(unauthorized("this admin token has expired or was revoked")),
@@ -190,7 +194,10 @@ async fn oidc_admin(ctl: &Arc<Controller>, token: &str) -> Result<Admin, Failure
         )
         .await);
     }
-    Ok(Admin { actor })
+    Ok(Admin {
+        actor,
+        person: Some((id.username.clone(), id.groups.clone())),
+    })
 }
 
 /// The router, with the controller as state.
@@ -206,6 +213,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/users", get(list_users).post(create_user))
         .route("/api/v1/users/{username}/totp", post(enrol_totp))
         .merge(super::access_api::router())
+        .merge(super::requests_api::router())
         .with_state(ctl)
 }
 
@@ -222,6 +230,9 @@ async fn settings_view(ctl: &Controller) -> Result<Settings, Failure> {
         lockout_threshold: Some(id.lockout_threshold),
         lockout_window: Some(d(id.lockout_window)),
         lockout_period: Some(d(id.lockout_period)),
+        request_notice_lead_ms: Some(
+            u64::try_from(ctl.notice_lead().await.as_millis()).unwrap_or(u64::MAX),
+        ),
     })
 }
 
@@ -249,6 +260,11 @@ async fn put_settings(
                 max.as_millis()
             )));
         }
+    }
+    if s.request_notice_lead_ms
+        .is_some_and(|ms| ms > 24 * 3600 * 1000)
+    {
+        return Err(bad_request("request_notice_lead_ms must be at most a day"));
     }
     use crate::login::{check_setting, setting};
     let threshold = s.lockout_threshold.map(|n| n.to_string());
@@ -282,6 +298,11 @@ async fn put_settings(
         if let Some(v) = v {
             ctl.store.set_setting(name, v.trim()).await?;
         }
+    }
+    if let Some(ms) = s.request_notice_lead_ms {
+        ctl.store
+            .set_setting(crate::requests::SETTING_NOTICE_LEAD_MS, &ms.to_string())
+            .await?;
     }
     ctl.audit(
         &admin.actor,

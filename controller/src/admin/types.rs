@@ -128,6 +128,9 @@ pub struct Settings {
     /// How long a locked name stays locked (e.g. `15m`).
     #[serde(default)]
     pub lockout_period: Option<String>,
+    /// How long before an approved access window ends the device is told (ms).
+    #[serde(default)]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -158,6 +161,9 @@ pub struct SettingsUpdate {
     /// See [`Settings`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lockout_period: Option<String>,
+    /// See [`Settings`] (at most a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 /// A TOTP enrolment, shown once.
