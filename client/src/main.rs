@@ -80,6 +80,29 @@ enum Cmd {
     },
     /// Ends the running `connect` (the controller ends its grant at once).
     Disconnect,
+    /// Asks for a window of access to a resource that needs approval (for this device only):
+    /// `--from` (default now) and `--until` or `--for`. Someone in the policy's approvers
+    /// group approves; `wardgate status` shows the state; `wardgate connect` works inside the
+    /// approved window.
+    Request {
+        /// The resource, e.g. `mri-console`.
+        resource: String,
+        /// Start: `now`, `2026-03-24T14:00:00+01:00` or `2026-03-24T14:00[Europe/Berlin]`.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, written like --from.
+        #[arg(long, conflicts_with = "length")]
+        until: Option<String>,
+        /// Length instead of an end, e.g. `2h`.
+        #[arg(long = "for", id = "length")]
+        length: Option<humantime::Duration>,
+        /// Why (the approver and the audit log see it).
+        #[arg(long)]
+        reason: String,
+        /// A ticket reference, e.g. INC-4411.
+        #[arg(long)]
+        ticket: Option<String>,
+    },
     /// Shows what this device reports about itself (OS, disk encryption, firewall, screen lock,
     /// required processes) with the evidence for each fact; `--json` prints the report exactly
     /// as it would be sent.
@@ -388,6 +411,40 @@ async fn real_main() -> anyhow::Result<()> {
         } => {
             tunnel(grants, keys, mode, tun_name, forwards, udp_forwards, socks).await?;
         }
+        Cmd::Request {
+            resource,
+            from,
+            until,
+            length,
+            reason,
+            ticket,
+        } => {
+            let r = wardgate_client::request::request(
+                &dir,
+                wardgate_client::request::Ask {
+                    resource,
+                    from,
+                    until,
+                    duration: length.map(Into::into),
+                    reason,
+                    ticket,
+                },
+            )
+            .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "Request {} for {} from {} until {} is {}: an approver has to approve it; \
+                     `wardgate status` shows its state",
+                    r.id,
+                    r.resource,
+                    fmt_ms(r.from_ms),
+                    fmt_ms(r.until_ms),
+                    r.state
+                );
+            }
+        }
         Cmd::Status => {
             let st = wardgate_client::status::status(&dir).await?;
             let conn = wardgate_client::connect::current(&dir);
@@ -428,6 +485,24 @@ async fn real_main() -> anyhow::Result<()> {
                 println!("Connection: {}", st.connection);
                 if let Some(e) = &st.connection_error {
                     println!("            {e}");
+                }
+                for r in st.requests.iter().flatten().take(10) {
+                    println!(
+                        "Request {}: {} {} from {} until {}{}{}",
+                        r.id,
+                        r.resource,
+                        r.state,
+                        fmt_ms(r.from_ms),
+                        fmt_ms(r.until_ms),
+                        r.approver
+                            .as_deref()
+                            .map(|a| format!(", by {a}"))
+                            .unwrap_or_default(),
+                        r.decision_reason
+                            .as_deref()
+                            .map(|d| format!(": {d}"))
+                            .unwrap_or_default()
+                    );
                 }
             }
         }
