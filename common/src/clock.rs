@@ -47,6 +47,15 @@ pub fn now_ms() -> i64 {
     crate::unix_ms(SystemTime::now()).saturating_add(offset_ms())
 }
 
+/// What a process on the test clock `file` reads now. For tests.
+pub fn now_ms_of(file: &std::path::Path) -> i64 {
+    let offset = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    crate::unix_ms(SystemTime::now()).saturating_add(offset)
+}
+
 /// Writes the offset that makes processes on the test clock `file` read `fake_now_ms` now.
 /// For tests.
 pub fn set_test_clock(file: &std::path::Path, fake_now_ms: i64) -> std::io::Result<()> {
