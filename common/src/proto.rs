@@ -107,6 +107,55 @@ pub enum Request {
         /// this device.
         report: crate::posture::PostureReport,
     },
+    /// A device's user asks for access to a resource that needs approval, for a window
+    /// (vendors, issue 7). The access is for this device only.
+    MakeAccessRequest(MakeAccessRequest),
+    /// A device's user asks for the state of their access requests.
+    ListAccessRequests,
+}
+
+/// Asking for a window of access that someone else must approve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MakeAccessRequest {
+    /// The resource.
+    pub resource: String,
+    /// When the window opens (ms since the epoch); `None` = now, by the controller's clock.
+    pub from_ms: Option<i64>,
+    /// When it closes; give this or `duration_ms`.
+    pub until_ms: Option<i64>,
+    /// How long it lasts from its start; give this or `until_ms`.
+    pub duration_ms: Option<u64>,
+    /// Why, for the approver and the audit log.
+    pub reason: String,
+    /// A ticket reference (`INC-4411`).
+    pub ticket: Option<String>,
+}
+
+/// An access request as its requester sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequestInfo {
+    /// Its number (what approvers type).
+    pub id: i64,
+    /// The resource.
+    pub resource: String,
+    /// The device it is for.
+    pub device_id: String,
+    /// Window start (ms).
+    pub from_ms: i64,
+    /// Window end (ms).
+    pub until_ms: i64,
+    /// The requester's reason.
+    pub reason: String,
+    /// Ticket reference.
+    pub ticket: Option<String>,
+    /// `pending`, `approved`, `denied`, `revoked` or `expired`.
+    pub state: String,
+    /// Who approved or denied it (user name).
+    pub approver: Option<String>,
+    /// The decision's reason or comment.
+    pub decision_reason: Option<String>,
+    /// When it was made (ms).
+    pub created_ms: i64,
 }
 
 /// Most rows one [`Request::ReportDrops`] may carry; a gateway sends the rest next time.
@@ -309,6 +358,16 @@ pub enum Push {
         /// Why, in words for the user.
         reason: String,
     },
+    /// To a device: a grant's access window ends soon and will not be renewed (an approved
+    /// request's end), so the user can save their work. Sent once per window.
+    GrantEnding {
+        /// The grant.
+        grant_id: u64,
+        /// When it ends (ms since the epoch).
+        ends_at_ms: i64,
+        /// In words for the user.
+        reason: String,
+    },
 }
 
 /// Successful answers.
@@ -378,6 +437,13 @@ pub enum Response {
         /// (empty when the device meets them all).
         #[serde(default)]
         failing: Vec<String>,
+    },
+    /// An access request was recorded (pending approval).
+    AccessRequestMade(AccessRequestInfo),
+    /// The requester's access requests, newest first.
+    AccessRequests {
+        /// The requests.
+        requests: Vec<AccessRequestInfo>,
     },
     /// Done.
     Done,

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +24,6 @@ use wardgate_common::grant::{ClientGrant, GatewayGrant};
 use wardgate_common::keys;
 use wardgate_common::proto::{ErrorCode, Push, Secret, ServerMsg, WireError};
 use wardgate_common::rule::Rule;
-use wardgate_common::unix_ms;
 
 use crate::policy::{AccessRequest, CompiledPolicies, Decision, Facts, PolicySet, Session};
 use crate::service::Controller;
@@ -96,7 +95,7 @@ impl PeerLink {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn ts(ms: i64) -> jiff::Timestamp {
@@ -174,7 +173,8 @@ impl PolicyCache {
 
 /// Gathers the facts the engine decides on for `device_id` now, from the device, its owner
 /// and the device's live login session (groups and MFA as that login established them; the
-/// session's end bounds every grant). No live session → `LoginRequired`.
+/// session's end bounds every grant), the user's approved access windows on this device and
+/// their vendor's contract. No live session → `LoginRequired`.
 pub async fn facts_for(
     ctl: &Controller,
     device_id: &str,
@@ -219,6 +219,19 @@ pub async fn facts_for(
         device: device.status,
         user_disabled: user.disabled,
         posture,
+        approvals: crate::requests::approved_facts(
+            &ctl.store
+                .approved_windows(&user.id, device_id, now)
+                .await
+                .map_err(internal)?,
+        ),
+        vendor: ctl
+            .store
+            .vendor_of_user(&user.id)
+            .await
+            .map_err(internal)?
+            .as_ref()
+            .map(crate::requests::contract_facts),
     };
     Ok((user, facts))
 }
@@ -456,6 +469,7 @@ impl Controller {
             tunnel_addr: std::net::IpAddr::V4(tunnel),
             rules: serde_json::from_str(&grant.rules_json).map_err(internal)?,
             expires_at_ms: grant.expires_ms,
+            renewable: bounds.renewable(),
         })
     }
 

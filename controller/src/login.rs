@@ -7,12 +7,11 @@
 //! than the audit row: a wrong password and a wrong one-time code read the same, so an
 //! attacker cannot learn that the password was right.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 use tracing::{info, warn};
 use wardgate_common::proto::{ErrorCode, Login, Response, SessionInfo, WireError};
-use wardgate_common::unix_ms;
 
 use crate::identity::IdentityError;
 use crate::secrets;
@@ -103,7 +102,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {

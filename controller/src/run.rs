@@ -187,6 +187,7 @@ async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
         }
         // Lapsed login sessions (and their grants), then expired grants.
         ctl.sweep().await;
+        ctl.sweep_requests().await;
         let ended = ctl.sweep_posture().await;
         if ended > 0 {
             info!(ended, "grants ended: posture reports too old or missing");

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use ipnet::IpNet;
 use serde_json::json;
@@ -13,7 +12,7 @@ use tracing::{info, warn};
 use wardgate_common::proto::{
     EnrolDevice, ErrorCode, Identity, JoinGateway, Response, Secret, WireError,
 };
-use wardgate_common::{keys, pki, unix_ms};
+use wardgate_common::{keys, pki};
 
 use crate::ca::{Ca, LeafRole};
 use crate::secrets::{self, TokenKind};
@@ -179,7 +178,7 @@ fn bad(msg: impl Into<String>) -> WireError {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// Checks a `host:port` endpoint without resolving it (the gateway may name an address only

@@ -2578,3 +2578,144 @@ async fn session_refresh_rows_are_claimed_once_and_die_with_their_session() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn vendors_and_access_requests() {
+    use wardgate_controller::store::{NewAccessRequest, RequestDecision, RequestState, Vendor};
+    on_both(|t| async move {
+        let s = t.open().await;
+        s.insert_user(&user("usr_kim", "kim")).await.unwrap();
+        s.insert_user(&user("usr_eng", "acme-eng")).await.unwrap();
+        s.insert_device(&device("dev_eng", "usr_eng"))
+            .await
+            .unwrap();
+        let acme = Vendor {
+            name: "acme".into(),
+            sponsor_user_id: "usr_kim".into(),
+            contract_ref: "ACME-BAA-7".into(),
+            contract_end: "2026-10-31".into(),
+            contract_zone: "Europe/Berlin".into(),
+            contract_end_ms: 1_793_487_600_000,
+            created_ms: 1,
+        };
+        s.insert_vendor(&acme).await.unwrap();
+        assert!(matches!(
+            s.insert_vendor(&acme).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let mut ghost = acme.clone();
+        ghost.name = "ghost".into();
+        ghost.sponsor_user_id = "usr_nobody".into();
+        assert!(matches!(
+            s.insert_vendor(&ghost).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        s.add_vendor_member("acme", "usr_eng").await.unwrap();
+        assert!(matches!(
+            s.add_vendor_member("acme", "usr_eng").await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(s.vendor_members("acme").await.unwrap(), ["usr_eng"]);
+        assert_eq!(
+            s.vendor_of_user("usr_eng").await.unwrap(),
+            Some(acme.clone())
+        );
+        assert_eq!(s.vendor_of_user("usr_kim").await.unwrap(), None);
+        assert_eq!(s.list_vendors().await.unwrap(), [acme]);
+
+        let new = |from_ms: i64, until_ms: i64| NewAccessRequest {
+            user_id: "usr_eng".into(),
+            device_id: "dev_eng".into(),
+            resource: "mri-console".into(),
+            from_ms,
+            until_ms,
+            reason: "firmware update".into(),
+            ticket: Some("INC-4411".into()),
+            created_ms: 100,
+        };
+        assert!(matches!(
+            s.insert_access_request(&new(500, 500)).await,
+            Err(StoreError::Invalid { .. })
+        ));
+        let r1 = s.insert_access_request(&new(1_000, 2_000)).await.unwrap();
+        let r2 = s.insert_access_request(&new(3_000, 4_000)).await.unwrap();
+        assert_eq!((r1.id, r2.id), (1, 2), "requests are numbered for people");
+        assert_eq!(r1.state, RequestState::Pending);
+        assert_eq!(r1.ticket.as_deref(), Some("INC-4411"));
+        assert_eq!(
+            s.list_access_requests(Some(RequestState::Pending))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+
+        let approve = RequestDecision {
+            to: RequestState::Approved,
+            by: "admin:tok".into(),
+            approver_user_id: Some("usr_kim".into()),
+            reason: Some("ok, INC-4411".into()),
+            at_ms: 500,
+        };
+        let a = s.decide_access_request(1, &approve).await.unwrap().unwrap();
+        assert_eq!(a.state, RequestState::Approved);
+        assert_eq!(a.approver_user_id.as_deref(), Some("usr_kim"));
+        // A second decision finds nothing to change: exactly one decision wins.
+        assert_eq!(s.decide_access_request(1, &approve).await.unwrap(), None);
+        let deny = RequestDecision {
+            to: RequestState::Denied,
+            reason: Some("not now".into()),
+            ..approve.clone()
+        };
+        assert_eq!(s.decide_access_request(1, &deny).await.unwrap(), None);
+        assert_eq!(s.decide_access_request(99, &approve).await.unwrap(), None);
+
+        // Approved and not ended: the facts of an approval condition (for that device only).
+        let w = s
+            .approved_windows("usr_eng", "dev_eng", 1_500)
+            .await
+            .unwrap();
+        assert_eq!(w.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert!(
+            s.approved_windows("usr_eng", "dev_other", 1_500)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.approved_windows("usr_eng", "dev_eng", 2_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // The notice goes out once, within the lead before the end.
+        assert!(s.take_ending_requests(1_100, 500).await.unwrap().is_empty());
+        assert_eq!(s.take_ending_requests(1_600, 500).await.unwrap().len(), 1);
+        assert!(s.take_ending_requests(1_700, 500).await.unwrap().is_empty());
+
+        // Expiry: approved and pending requests whose window is over, once.
+        let expired = s.expire_access_requests(2_000).await.unwrap();
+        assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert!(s.expire_access_requests(2_000).await.unwrap().is_empty());
+        assert_eq!(
+            s.access_request(1).await.unwrap().unwrap().state,
+            RequestState::Expired
+        );
+        // Revoking a pending one; then it is final.
+        let revoke = RequestDecision {
+            to: RequestState::Revoked,
+            by: "admin:tok".into(),
+            approver_user_id: None,
+            reason: Some("vendor off site".into()),
+            at_ms: 2_500,
+        };
+        let r = s.decide_access_request(2, &revoke).await.unwrap().unwrap();
+        assert_eq!(r.state, RequestState::Revoked);
+        assert_eq!(r.decision_reason.as_deref(), Some("vendor off site"));
+        assert_eq!(s.decide_access_request(2, &approve).await.unwrap(), None);
+        assert_eq!(s.access_requests_of_user("usr_eng").await.unwrap().len(), 2);
+        s.close().await;
+    })
+    .await;
+}

@@ -6,4 +6,5 @@ pub mod access_api;
 pub mod api;
 pub mod cli;
 pub mod https;
+pub mod requests_api;
 pub mod types;

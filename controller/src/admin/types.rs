@@ -132,6 +132,9 @@ pub struct Settings {
     /// disabled there loses access.
     #[serde(default)]
     pub session_refresh_interval: Option<String>,
+    /// How long before an approved access window ends the device is told (ms).
+    #[serde(default)]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -165,6 +168,9 @@ pub struct SettingsUpdate {
     /// See [`Settings`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_refresh_interval: Option<String>,
+    /// See [`Settings`] (at most a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 /// A TOTP enrolment, shown once.

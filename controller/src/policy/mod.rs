@@ -60,11 +60,11 @@ mod tests;
 
 pub use decision::{Bound, Decision, DenyReason, GrantBounds};
 pub use engine::{
-    Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation, PostureVerdict,
-    decide, explain,
+    ApprovalRule, Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation,
+    PostureVerdict, decide, explain,
 };
-pub use model::{Conditions, Policy, PolicySet, Resource};
+pub use model::{Approval, Conditions, Policy, PolicySet, Resource};
 pub use posture::{PostureProfile, PostureReport, Tri, Version, VersionError};
-pub use request::{AccessRequest, Facts, Session};
+pub use request::{AccessRequest, ApprovedWindow, Facts, Session, VendorContract};
 pub use validate::{ValidationError, validate};
 pub use window::{Weekdays, Window, WindowError, WindowSpec, local_text, time_zone};

@@ -36,6 +36,7 @@ mod identity;
 mod join_tokens;
 mod posture;
 mod refresh;
+mod requests;
 mod users;
 
 pub use admin_tokens::AdminToken;
@@ -53,6 +54,7 @@ pub use identity::{LoginMethod, Session, Throttle};
 pub use join_tokens::JoinToken;
 pub use posture::{PostureAccept, StoredPosture};
 pub use refresh::SessionRefresh;
+pub use requests::{AccessRequestRow, NewAccessRequest, RequestDecision, RequestState, Vendor};
 pub use users::User;
 
 use sqlx::any::AnyPoolOptions;
