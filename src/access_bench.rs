@@ -8,7 +8,7 @@
 //!   every gateway serving the grant has acknowledged dropping the peer.
 //! - `decide_per_s`: the pure policy engine, one thread.
 //! - `grants_per_s`: request → decision → grant row → push to the gateway → ack → answer, over
-//!   one device session with several requests in flight.
+//!   one device session with 32 requests in flight, 1,000 grants.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,6 +106,9 @@ fn decide_rate() -> anyhow::Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Grant requests kept in flight by the grants/s measurement.
+const IN_FLIGHT: usize = 32;
+
 fn grant_rate(s: &Site, total: usize) -> anyhow::Result<f64> {
     let rt = tokio::runtime::Runtime::new()?;
     let dir = wardgate_client::state::ConfigDir::resolve(Some(s.client.clone()))?;
@@ -122,7 +125,7 @@ fn grant_rate(s: &Site, total: usize) -> anyhow::Result<f64> {
         let mut granted = 0usize;
         let mut issued = 0usize;
         while granted < total {
-            while set.len() < 8 && issued < total {
+            while set.len() < IN_FLIGHT && issued < total {
                 issued += 1;
                 let s = session.clone();
                 set.spawn(async move {
@@ -191,7 +194,7 @@ pub fn access(connects: usize, revokes: usize) -> anyhow::Result<AccessReport> {
         })?;
     }
     eprintln!("grants/s…");
-    let grants_per_s = grant_rate(&s, 300)?;
+    let grants_per_s = grant_rate(&s, 1000)?;
     Ok(AccessReport {
         connect_p50_ms: pct(&mut connect.clone(), 0.5),
         connect_p99_ms: pct(&mut connect, 0.99),

@@ -246,6 +246,7 @@ impl DpNet {
             tunnel_addr: IpAddr::V4(tunnel),
             rules: rules.clone(),
             expires_at_ms,
+            renewable: true,
         };
         let grant_file = self.dir.path().join(format!("grant-{id}.json"));
         std::fs::write(&grant_file, serde_json::to_vec(&grant)?)?;

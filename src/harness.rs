@@ -224,6 +224,8 @@ pub struct World {
     pub controller_ns: Option<String>,
     /// The network namespace client commands run in; `None` = host.
     pub client_ns: Option<String>,
+    /// The test clock file every process of this world reads (`--test-clock`), if any.
+    pub test_clock: Option<PathBuf>,
 }
 
 /// `program` as a command, run inside network namespace `ns` when given (`ip netns exec`
@@ -247,6 +249,8 @@ pub struct Placement {
     pub controller: Option<(String, std::net::IpAddr)>,
     /// The namespace client commands run in.
     pub client_ns: Option<String>,
+    /// Run every process on a test clock starting at this instant (ms since the epoch).
+    pub test_clock_ms: Option<i64>,
 }
 
 impl World {
@@ -297,7 +301,16 @@ impl World {
             .find(|l| l.starts_with("wga_"))
             .context("init printed no admin token")?
             .to_owned();
+        let test_clock = match placement.test_clock_ms {
+            Some(at) => {
+                let f = dir.path().join("test-clock");
+                wardgate_common::clock::set_test_clock(&f, at)?;
+                Some(f)
+            }
+            None => None,
+        };
         let mut w = Self {
+            test_clock,
             dir,
             data_dir,
             logs,
@@ -319,8 +332,11 @@ impl World {
         let mut cmd = self.controller_cmd()?;
         cmd.env("RUST_LOG", &self.rust_log)
             .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("serve");
+            .arg(&self.data_dir);
+        if let Some(f) = &self.test_clock {
+            cmd.arg("--test-clock").arg(f);
+        }
+        cmd.arg("serve");
         let proc = Proc::spawn(cmd, &self.logs, "controller")?;
         self.controller = Some(proc);
         let ep = self.data_dir.join("run").join("endpoints.json");
@@ -464,7 +480,27 @@ impl World {
         cmd.env("RUST_LOG", &self.rust_log)
             .arg("--config-dir")
             .arg(config);
+        if let Some(f) = &self.test_clock {
+            cmd.arg("--test-clock").arg(f);
+        }
         Ok(cmd)
+    }
+
+    /// Moves every process of this world on the test clock to `at_ms` (ms since the epoch).
+    pub fn set_clock(&self, at_ms: i64) -> anyhow::Result<()> {
+        let f = self
+            .test_clock
+            .as_ref()
+            .context("this world runs on the real clock")?;
+        wardgate_common::clock::set_test_clock(f, at_ms)?;
+        Ok(())
+    }
+
+    /// Kills the controller at once (a crash, or a power cut), without a graceful stop.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            c.kill();
+        }
     }
 
     /// `wardgate enrol` with the password on stdin.

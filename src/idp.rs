@@ -382,24 +382,30 @@ impl Idp {
     /// points at `redirect_uri`, and returns what it carries. An `error` there comes back as
     /// an [`OAuthError`].
     pub async fn follow(&self, url: &str, redirect_uri: &str) -> anyhow::Result<Callback> {
+        let at = self.follow_to(url, redirect_uri).await?;
+        let q: HashMap<String, String> = at.query_pairs().into_owned().collect();
+        if let Some(error) = q.get("error") {
+            return Err(OAuthError {
+                status: 0,
+                error: error.clone(),
+                description: q.get("error_description").cloned().unwrap_or_default(),
+            }
+            .into());
+        }
+        Ok(Callback {
+            code: q.get("code").cloned().context("the callback has no code")?,
+            state: q.get("state").cloned().unwrap_or_default(),
+            iss: q.get("iss").cloned(),
+        })
+    }
+
+    /// Follows redirects from `url` until one points at `redirect_uri`; returns that URL.
+    async fn follow_to(&self, url: &str, redirect_uri: &str) -> anyhow::Result<Url> {
         let mut jar = CookieJar::default();
         let mut at = Url::parse(url)?;
         for _ in 0..20 {
             if at.as_str().starts_with(redirect_uri) {
-                let q: HashMap<String, String> = at.query_pairs().into_owned().collect();
-                if let Some(error) = q.get("error") {
-                    return Err(OAuthError {
-                        status: 0,
-                        error: error.clone(),
-                        description: q.get("error_description").cloned().unwrap_or_default(),
-                    }
-                    .into());
-                }
-                return Ok(Callback {
-                    code: q.get("code").cloned().context("the callback has no code")?,
-                    state: q.get("state").cloned().unwrap_or_default(),
-                    iss: q.get("iss").cloned(),
-                });
+                return Ok(at);
             }
             let resp = self
                 .http
@@ -426,8 +432,8 @@ impl Idp {
 
     /// Plays the user's browser for a login the `wardgate` client started: opens `url` (the one
     /// the client printed) with `login_hint=account` added, follows the IdP's redirects, and
-    /// delivers the final redirect to the client's loopback callback, as a browser would.
-    /// Returns the HTTP status the client's callback answered.
+    /// delivers the final redirect (a code, or the IdP's refusal) to the client's loopback
+    /// callback, as a browser would. Returns the HTTP status the client's callback answered.
     pub async fn browse_as(&self, url: &str, account: &str) -> anyhow::Result<u16> {
         let mut u = Url::parse(url)?;
         let redirect_uri = u
@@ -436,12 +442,7 @@ impl Idp {
             .map(|(_, v)| v.into_owned())
             .context("the login URL has no redirect_uri")?;
         u.query_pairs_mut().append_pair("login_hint", account);
-        let cb = self.follow(u.as_str(), &redirect_uri).await?;
-        let mut params = vec![("code", cb.code.as_str()), ("state", cb.state.as_str())];
-        if let Some(iss) = &cb.iss {
-            params.push(("iss", iss.as_str()));
-        }
-        let deliver = Url::parse_with_params(&redirect_uri, &params)?;
+        let deliver = self.follow_to(u.as_str(), &redirect_uri).await?;
         let resp = self
             .http
             .get(deliver)
@@ -547,6 +548,34 @@ impl Idp {
             Some(o) if o.error == "authorization_pending" || o.error == "slow_down" => Ok(None),
             _ => Err(e),
         }
+    }
+
+    /// Disables `account` at the IdP (`disabled`), or enables it again: a disabled account's
+    /// logins fail and its refresh tokens are refused with `invalid_grant`.
+    pub async fn set_account_disabled(&self, account: &str, disabled: bool) -> anyhow::Result<()> {
+        let path = if disabled {
+            "/test/accounts/disable"
+        } else {
+            "/test/accounts/enable"
+        };
+        self.test_post(path, serde_json::json!({ "account": account }))
+            .await
+    }
+
+    /// Takes the IdP down (every OpenID endpoint answers 503) or brings it back up.
+    pub async fn set_down(&self, down: bool) -> anyhow::Result<()> {
+        let path = if down { "/test/down" } else { "/test/up" };
+        self.test_post(path, serde_json::json!({})).await
+    }
+
+    async fn test_post(&self, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
+        let resp = self.http.post(self.url(path)).json(&body).send().await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            bail!("the IdP refused {path}: HTTP {status} {text}");
+        }
+        Ok(())
     }
 
     /// Makes a new RS256 key the IdP's signing key; `keep_old` keeps the previous keys in its

@@ -60,6 +60,16 @@ fn write_json(dir: &Path, name: &str, v: serde_json::Value) -> anyhow::Result<St
 impl NetSite {
     /// Builds the site. Grants last at most `max_grant`; the gateway runs in `gateway_mode`.
     pub fn start(max_grant: &str, gateway_mode: &'static str) -> anyhow::Result<Self> {
+        Self::start_at(max_grant, gateway_mode, None)
+    }
+
+    /// Like [`NetSite::start`], with every process (controller, gateway, laptops) on a test
+    /// clock that starts at `clock_ms` when given (see [`World::set_clock`]).
+    pub fn start_at(
+        max_grant: &str,
+        gateway_mode: &'static str,
+        clock_ms: Option<i64>,
+    ) -> anyhow::Result<Self> {
         let topo = Topology::new(1)?;
         topo.add_resource_network("10.20.5.1/24", &["10.20.5.5/24", "10.20.5.6/24"])?;
         let w = World::start_placed(
@@ -68,6 +78,7 @@ impl NetSite {
             Placement {
                 controller: Some((topo.gateway.name.clone(), IpAddr::V4(topo.gateway_outer))),
                 client_ns: Some(topo.client.name.clone()),
+                test_clock_ms: clock_ms,
             },
         )?;
         let node = bin("wardgate-bench")?;
@@ -172,20 +183,23 @@ impl NetSite {
         let mut cmd = ns_command(Some(&self.topo.gateway.name), &bin("wardgate-gateway")?);
         cmd.env("RUST_LOG", "info")
             .arg("--state-dir")
-            .arg(&self.gw_dir)
-            .args([
-                "run",
-                "--heartbeat",
-                "1s",
-                "--max-backoff",
-                "1s",
-                "--mode",
-                self.gateway_mode,
-                "--listen",
-                &format!("{}:51820", self.topo.gateway_outer),
-            ])
-            .arg("--socket")
-            .arg(&self.socket);
+            .arg(&self.gw_dir);
+        if let Some(f) = &self.w.test_clock {
+            cmd.arg("--test-clock").arg(f);
+        }
+        cmd.args([
+            "run",
+            "--heartbeat",
+            "1s",
+            "--max-backoff",
+            "1s",
+            "--mode",
+            self.gateway_mode,
+            "--listen",
+            &format!("{}:51820", self.topo.gateway_outer),
+        ])
+        .arg("--socket")
+        .arg(&self.socket);
         let log = self.w.logs.join("gateway.err");
         let before =
             std::fs::read_to_string(&log).map_or(0, |s| s.matches("grants resynced").count());
@@ -365,6 +379,21 @@ impl NetSite {
         )?;
         self.w.admin_json(&["policy", "put", "--file", &f], None)?;
         Ok(())
+    }
+
+    /// Creates or replaces a policy from its JSON document (`policy put`).
+    pub fn put_policy_json(&self, policy: serde_json::Value) -> anyhow::Result<()> {
+        let name = policy["name"].as_str().context("the policy has no name")?;
+        let f = write_json(self.w.dir.path(), &format!("{name}.json"), policy.clone())?;
+        self.w.admin_json(&["policy", "put", "--file", &f], None)?;
+        Ok(())
+    }
+
+    /// `wardgate ARGS` on a laptop (in the client namespace).
+    pub fn laptop_cmd(&self, cfg: &Path, args: &[&str]) -> anyhow::Result<Ran> {
+        let mut cmd = self.w.client_cmd(cfg)?;
+        cmd.args(args);
+        run(cmd, None, &self.w.logs.join("laptop-cli.err"))
     }
 
     /// Applies an nftables script in the client namespace (the laptops' host firewall).

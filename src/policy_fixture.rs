@@ -33,6 +33,8 @@ pub fn facts() -> (AccessRequest, Facts) {
             device: wardgate_controller::store::DeviceStatus::Approved,
             user_disabled: false,
             posture: None,
+            approvals: Vec::new(),
+            vendor: None,
         },
     )
 }

@@ -538,6 +538,66 @@ fn s6_break_glass_for_pacs_alerts_and_queues_for_review() {
         && e["target"] == id.as_str()
         && e["detail"]["comment"] == "stroke protocol confirmed with the ED log"));
     conn.stop();
+
+    // Access requests and their decisions reach the same sinks (issue 7, item 5): ben asks
+    // for ehr-db under an approval policy, kim approves, then revokes it.
+    w.create_user("kim", PASSWORD).expect("kim");
+    w.admin_json(&["group", "create", "db-approvers"], None)
+        .expect("group");
+    w.admin_json(&["group", "add-member", "db-approvers", "kim"], None)
+        .expect("member");
+    let f = write_json(
+        w.dir.path(),
+        "db-req.json",
+        serde_json::json!({"name": "ed-db-on-request", "groups": ["emergency"], "resources": ["ehr-db"],
+            "conditions": {"max_grant": "1h", "session_lifetime": "12h",
+                "approval": {"approvers": "db-approvers", "max_window": "4h"}}}),
+    );
+    w.admin_json(&["policy", "put", "--file", &f], None)
+        .expect("policy");
+    let mut cmd = w.client_cmd(&cfg).expect("cmd");
+    cmd.args([
+        "request",
+        "ehr-db",
+        "--for",
+        "1h",
+        "--reason",
+        "check the ED queue tables",
+        "--json",
+    ]);
+    let r = run(cmd, None, &w.logs.join("request.err")).expect("request");
+    assert!(r.ok, "{}", r.stderr);
+    let req: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    let req_id = req["id"].as_i64().expect("id").to_string();
+    w.admin_json(&["request", "approve", &req_id, "--approver", "kim"], None)
+        .expect("approve");
+    w.admin_json(&["request", "revoke", &req_id, "--reason", "done"], None)
+        .expect("revoke");
+    let kinds = ["request.created", "request.approved", "request.revoked"];
+    let got = wait_for(Duration::from_secs(15), "request notifications", || {
+        let d = receiver.deliveries();
+        let evs: Vec<serde_json::Value> = d
+            .iter()
+            .map(Delivery::json)
+            .filter(|e| e["subject"] == req_id.as_str())
+            .collect();
+        kinds
+            .iter()
+            .all(|k| evs.iter().any(|e| e["type"] == *k))
+            .then_some(evs)
+    })
+    .expect("request events delivered");
+    let created = got
+        .iter()
+        .find(|e| e["type"] == "request.created")
+        .expect("created");
+    assert_eq!(created["actor"], "user:ben");
+    assert_eq!(created["detail"]["resource"], "ehr-db");
+    let approved = got
+        .iter()
+        .find(|e| e["type"] == "request.approved")
+        .expect("approved");
+    assert_eq!(approved["detail"]["approver"], "kim");
 }
 
 #[test]

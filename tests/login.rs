@@ -680,3 +680,235 @@ fn mfa_policy_denies_an_oidc_session_without_mfa() {
     .expect("ben is granted");
     conn.stop();
 }
+
+/// Every file under `dir` (recursively), as bytes.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push((p, b));
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The refresh token the controller holds for `session_id` right now: read sealed from the
+/// SQLite file and opened with the data directory's key, as only the controller should.
+fn current_refresh_token(w: &World, session_id: &str) -> String {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let db = w.data_dir.join("wardgate.db");
+    let sealed: String = rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .read_only(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.expect("db");
+        let row: (String,) =
+            sqlx::query_as("SELECT token_sealed FROM session_refresh WHERE session_id = ?")
+                .bind(session_id)
+                .fetch_one(&pool)
+                .await
+                .expect("a refresh row for the session");
+        pool.close().await;
+        row.0
+    });
+    let sealer =
+        wardgate_controller::identity::Sealer::load_or_create(&w.data_dir.join("refresh.key"))
+            .expect("key");
+    sealer
+        .open(session_id, &sealed)
+        .expect("opens")
+        .expose()
+        .to_owned()
+}
+
+#[test]
+fn s8_disabled_at_the_provider_ends_session_and_grants() {
+    let idp = idp();
+    let mut s = site();
+    trust(&mut s.w, &idp);
+    wait_for(Duration::from_secs(20), "the gateway to reconnect", || {
+        let v = s.w.admin_json(&["gateway", "list"], None).ok()?;
+        (v[0]["online"] == true).then_some(())
+    })
+    .expect("gateway online");
+    s.w.admin_json(
+        &["settings", "set", "--session-refresh-interval", "2s"],
+        None,
+    )
+    .expect("settings");
+    let key = s.w.data_dir.join("refresh.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key)
+            .expect("refresh.key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the sealing key is private");
+    }
+
+    // amara enrols a laptop with the code flow: the controller redeems the code and keeps
+    // the refresh token (session.open says it is checked at the provider).
+    let cfg = s.w.dir.path().join("amara-oidc-laptop");
+    let args = enrol_args(&s.w, &idp);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = oidc_cli(&s.w, &idp, &cfg, &args, "amara", false);
+    assert!(r.ok, "{}", r.stderr);
+    let rows = audit_rows(&s.w);
+    let open = rows
+        .iter()
+        .rev()
+        .find(|e| e["action"] == "session.open" && e["detail"]["method"] == "oidc")
+        .expect("session.open")
+        .clone();
+    assert_eq!(open["detail"]["checked_at_provider"], true, "{open}");
+    let session_id = open["target"].as_str().expect("session id").to_owned();
+
+    let mut conn = connect(&s, &cfg);
+    wait_for(Duration::from_secs(20), "amara's grant", || {
+        (gateway_grants(&s).len() == 1).then_some(())
+    })
+    .expect("granted");
+    // Refreshes succeed quietly: after several intervals the grant is still there.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(gateway_grants(&s).len(), 1);
+    assert!(conn.running(), "connect still running");
+
+    // The IdP goes down for a few intervals: nothing ends, the failure is audited.
+    rt_block(idp.set_down(true)).expect("down");
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(gateway_grants(&s).len(), 1, "an IdP outage ends no grant");
+    assert!(conn.running(), "an IdP outage ends no connection");
+    let rows = audit_rows(&s.w);
+    assert!(
+        rows.iter().any(|e| e["action"] == "session.refresh"
+            && e["outcome"] == "error"
+            && e["target"] == session_id.as_str()),
+        "the failed refresh is audited"
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|e| e["action"] == "session.end" && e["target"] == session_id.as_str())
+    );
+    // Back up: refreshing resumes (audited once), the grant is still there.
+    rt_block(idp.set_down(false)).expect("up");
+    wait_for(Duration::from_secs(20), "the refresh to resume", || {
+        audit_rows(&s.w)
+            .iter()
+            .any(|e| {
+                e["action"] == "session.refresh"
+                    && e["outcome"] == "ok"
+                    && e["target"] == session_id.as_str()
+            })
+            .then_some(())
+    })
+    .expect("refresh resumed");
+    assert_eq!(gateway_grants(&s).len(), 1);
+
+    // The refresh token exists only in the controller's memory and, sealed, in its store.
+    let token = current_refresh_token(&s.w, &session_id);
+    assert!(token.len() >= 16, "a real token");
+    assert!(!s.w.all_logs().contains(&token), "refresh token in a log");
+    for (p, bytes) in files_under(&cfg) {
+        assert!(
+            !contains(&bytes, token.as_bytes()),
+            "refresh token in the client's {}",
+            p.display()
+        );
+    }
+    for (p, bytes) in files_under(&s.w.data_dir) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("wardgate.db"))
+        {
+            assert!(
+                !contains(&bytes, token.as_bytes()),
+                "refresh token in plaintext in {}",
+                p.display()
+            );
+        }
+    }
+    for args in [
+        vec!["user", "list", "--json"],
+        vec!["device", "list", "--json"],
+        vec!["grant", "list", "--json"],
+        vec!["settings", "show", "--json"],
+    ] {
+        let r = s.w.admin(&args, None).expect("admin");
+        assert!(r.ok, "{args:?}: {}", r.stderr);
+        assert!(!r.stdout.contains(&token), "refresh token in {args:?}");
+    }
+    let r = s.w.audit(&["export"]).expect("export");
+    assert!(!r.stdout.contains(&token), "refresh token in the audit log");
+
+    // amara is disabled at the IdP: within a couple of intervals the session ends, the grant
+    // leaves the gateway, and connect exits saying why.
+    rt_block(idp.set_account_disabled("amara", true)).expect("disable");
+    wait_for(
+        Duration::from_secs(20),
+        "the gateway to drop the grant",
+        || gateway_grants(&s).is_empty().then_some(()),
+    )
+    .expect("grant ended");
+    let exit = conn
+        .wait_exit(Duration::from_secs(20))
+        .expect("connect exits");
+    assert!(!exit.success());
+    let err = conn.stderr_text();
+    assert!(
+        err.contains("disabled at the identity provider"),
+        "connect says why: {err}"
+    );
+    let rows = audit_rows(&s.w);
+    let end = rows
+        .iter()
+        .find(|e| e["action"] == "session.end" && e["target"] == session_id.as_str())
+        .expect("session.end audited");
+    assert!(
+        end["detail"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("your account was disabled at the identity provider")),
+        "{end}"
+    );
+    assert_eq!(end["detail"]["provider_error"], "invalid_grant", "{end}");
+    assert_eq!(end["detail"]["provider"], "staff", "{end}");
+    // A new connect needs a login, and the login is refused at the IdP.
+    let r = connect_once(&s, &cfg);
+    assert!(
+        !r.ok && r.stderr.contains("disabled at the identity provider"),
+        "{}",
+        r.stderr
+    );
+    let issuer = idp.issuer().to_owned();
+    let r = oidc_cli(
+        &s.w,
+        &idp,
+        &cfg,
+        &["login", "--oidc", &issuer, "--no-browser"],
+        "amara",
+        false,
+    );
+    assert!(
+        !r.ok,
+        "a disabled account cannot log in again: {}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("refused"), "{}", r.stderr);
+    assert!(!s.w.all_logs().contains(&token), "refresh token in a log");
+}
+
+fn rt_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Runtime::new().expect("rt").block_on(f)
+}

@@ -1,4 +1,4 @@
-//! SCENARIOS.md stories S1, S2, S5, S7, S9 and S12 end to end in network namespaces, with the
+//! SCENARIOS.md stories S1, S2, S4, S5, S7, S9 and S12 end to end in network namespaces, with the
 //! real binaries: the controller and the gateway (TUN mode) in one namespace, the laptops (TUN
 //! mode) in another, and the clinical systems at their 10.x addresses in a third
 //! ([`wardgate::netsite`]). Run one story with `cargo nextest run --test scenarios_netns s5_`.
@@ -388,4 +388,287 @@ fn s12_gateway_restart_resyncs_before_traffic_and_cut_off_keeps_enforcing() {
         "no new peer while cut off"
     );
     let _ = conn.wait_exit(Duration::from_secs(30));
+}
+
+/// Milliseconds since the epoch of an RFC 3339 instant (test input, always valid).
+fn at_ms(s: &str) -> i64 {
+    s.parse::<jiff::Timestamp>()
+        .expect("instant")
+        .as_millisecond()
+}
+
+#[test]
+fn s4_vendor_window_ends_on_time() {
+    // Every process runs on a test clock: it is Tuesday 1 December 2026, 13:50 in Berlin
+    // (CET, UTC+1). The schedule is "Tuesdays 14:00–16:00 Europe/Berlin".
+    let mut s = NetSite::start_at("1h", "tun", Some(at_ms("2026-12-01T12:50:00Z"))).expect("site");
+    let w = &s.w;
+    for u in ["kim", "globex-eng"] {
+        w.create_user(u, wardgate::netsite::PASSWORD).expect("user");
+    }
+    w.admin_json(&["group", "create", "mri-approvers"], None)
+        .expect("group");
+    w.admin_json(&["group", "add-member", "mri-approvers", "kim"], None)
+        .expect("kim approves");
+    w.admin_json(&["group", "add-member", "vendor-acme", "globex-eng"], None)
+        .expect("member");
+    for (vendor, contract, end, member) in [
+        ("acme", "ACME-BAA-7", "2027-06-30", "acme-eng"),
+        ("globex", "GLOBEX-9", "2026-11-30", "globex-eng"),
+    ] {
+        w.admin_json(
+            &[
+                "vendor",
+                "create",
+                vendor,
+                "--sponsor",
+                "amara",
+                "--contract-ref",
+                contract,
+                "--contract-end",
+                end,
+                "--contract-zone",
+                "Europe/Berlin",
+            ],
+            None,
+        )
+        .expect("vendor");
+        w.admin_json(&["vendor", "add-member", vendor, member], None)
+            .expect("vendor member");
+    }
+    s.put_policy_json(serde_json::json!({
+        "name": "acme-mri", "groups": ["vendor-acme"], "resources": ["mri-console"],
+        "conditions": {"mfa_required": false, "max_grant": "4h", "session_lifetime": "8h",
+            "windows": [{"days": ["tue"], "start": "14:00", "end": "16:00", "time_zone": "Europe/Berlin"}],
+            "approval": {"approvers": "mri-approvers", "max_window": "4h"}}}))
+    .expect("policy");
+    w.admin_json(
+        &[
+            "settings",
+            "set",
+            "--session-idle-timeout",
+            "8h",
+            "--request-notice",
+            "10s",
+        ],
+        None,
+    )
+    .expect("settings");
+    let acme = s.laptop("acme-eng").expect("enrol");
+    let globex = s.laptop("globex-eng").expect("enrol");
+
+    // Without a request: refused, in words.
+    let refused = s.connect_refused(&acme, "mri-console").expect("refused");
+    assert!(
+        refused.contains("mri-console needs an approved access request"),
+        "{refused}"
+    );
+
+    // acme-eng asks for Tuesday 14:00–16:00 Berlin time, ticket INC-4411.
+    let r = s
+        .laptop_cmd(
+            &acme,
+            &[
+                "request",
+                "mri-console",
+                "--from",
+                "2026-12-01T14:00[Europe/Berlin]",
+                "--until",
+                "2026-12-01T16:00[Europe/Berlin]",
+                "--reason",
+                "replace the gradient coil firmware",
+                "--ticket",
+                "INC-4411",
+                "--json",
+            ],
+        )
+        .expect("request ran");
+    assert!(r.ok, "request: {}", r.stderr);
+    let req: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
+    let id = req["id"].as_i64().expect("id").to_string();
+    assert_eq!(req["state"], "pending");
+    assert_eq!(req["from_ms"], at_ms("2026-12-01T13:00:00Z"));
+    assert_eq!(req["until_ms"], at_ms("2026-12-01T15:00:00Z"));
+
+    // A vendor whose contract ended the day before cannot even ask.
+    let late = s
+        .laptop_cmd(
+            &globex,
+            &[
+                "request",
+                "mri-console",
+                "--for",
+                "1h",
+                "--reason",
+                "service visit",
+            ],
+        )
+        .expect("ran");
+    assert!(!late.ok);
+    assert!(
+        late.stderr
+            .contains("vendor contract GLOBEX-9 (globex) ended on 2026-11-30"),
+        "{}",
+        late.stderr
+    );
+
+    // Approving one's own request, or as someone outside mri-approvers, is refused.
+    let own = w
+        .admin(&["request", "approve", &id, "--approver", "acme-eng"], None)
+        .expect("ran");
+    assert!(!own.ok);
+    assert!(
+        own.stderr
+            .contains(&format!("acme-eng cannot approve their own request {id}")),
+        "{}",
+        own.stderr
+    );
+    let outsider = w
+        .admin(&["request", "approve", &id, "--approver", "pat"], None)
+        .expect("ran");
+    assert!(!outsider.ok);
+    assert!(
+        outsider
+            .stderr
+            .contains("pat is not in mri-approvers, the group that approves mri-console requests"),
+        "{}",
+        outsider.stderr
+    );
+    let no_person = w.admin(&["request", "approve", &id], None).expect("ran");
+    assert!(!no_person.ok);
+    assert!(
+        no_person.stderr.contains("--approver"),
+        "{}",
+        no_person.stderr
+    );
+
+    // kim approves.
+    let ok = w
+        .admin_json(
+            &[
+                "request",
+                "approve",
+                &id,
+                "--approver",
+                "kim",
+                "--comment",
+                "INC-4411 ok",
+            ],
+            None,
+        )
+        .expect("kim approves");
+    assert_eq!(ok["state"], "approved");
+    assert_eq!(ok["approver"], "kim");
+    let st = w.status(&acme).expect("status");
+    assert_eq!(st["requests"][0]["state"], "approved", "{st}");
+    assert_eq!(st["requests"][0]["approver"], "kim", "{st}");
+
+    // Before 14:00 nothing passes, and acme-eng is told when it will.
+    let before = s.connect_refused(&acme, "mri-console").expect("refused");
+    assert!(
+        before.contains("Your approved window starts at Tue 1 Dec 2026 14:00 CET"),
+        "{before}"
+    );
+    assert!(!s.answers(MRI_VNC), "nothing passes before 14:00");
+
+    // From 14:00: only tcp/5900 and tcp/22 on 10.20.5.5, until 16:00 at most.
+    w.set_clock(at_ms("2026-12-01T13:00:05Z")).expect("clock");
+    let (mut conn, _) = s.connect(&acme, "mri-console").expect("connect at 14:00");
+    let st = w.status(&acme).expect("status");
+    assert_eq!(
+        st["grant"]["expires_at_ms"],
+        at_ms("2026-12-01T15:00:00Z"),
+        "{st}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), "VNC", || s
+            .answers(MRI_VNC)
+            .then_some(()))
+        .is_ok(),
+        "tcp/5900 passes inside the window"
+    );
+    assert!(s.answers(MRI_SSH), "tcp/22 passes inside the window");
+    for other in [MRI_OTHER, "10.20.5.5:80", EHR_DB, EHR_WEB] {
+        assert!(!s.answers(other), "{other} must not answer acme-eng");
+    }
+    conn.stop();
+
+    // 15:59:45: connect again; the grant ends at 16:00, the notice comes 10 s before, the
+    // controller dies at 15:59:5x — and at 16:00 the gateway stops the traffic by itself.
+    w.set_clock(at_ms("2026-12-01T14:59:45Z")).expect("clock");
+    let (mut conn, _) = s
+        .connect(&acme, "mri-console")
+        .expect("connect at 15:59:45");
+    let end = at_ms("2026-12-01T15:00:00Z");
+    assert!(s.answers(MRI_VNC), "still inside the window");
+    let notice = wait_for(Duration::from_secs(15), "the end notice", || {
+        let st = s.w.status(&acme).ok()?;
+        st["grant"]["ending"].as_str().map(str::to_owned)
+    })
+    .expect("S4: a notice before the end");
+    assert!(notice.contains("ends at"), "{notice}");
+    s.w.kill_controller();
+    let left = end - wardgate_common::clock::now_ms_of(s.w.test_clock.as_deref().expect("clock"));
+    assert!(
+        left > 1_000,
+        "the controller died before the end ({left} ms left)"
+    );
+    assert!(
+        s.answers(MRI_VNC),
+        "the controller being down ends nothing early"
+    );
+    std::thread::sleep(Duration::from_millis(
+        u64::try_from(left).unwrap_or(0) + 1_000,
+    ));
+    assert!(
+        !s.answers(MRI_VNC),
+        "S4: at 16:00 tcp/5900 stops, controller down"
+    );
+    assert!(
+        !s.answers(MRI_SSH),
+        "S4: at 16:00 tcp/22 stops, controller down"
+    );
+    conn.stop();
+
+    // Every refusal is in the audit log with its reason.
+    let log = s.audit_export().expect("audit");
+    let refusals: Vec<(String, String)> = log
+        .iter()
+        .filter(|e| e["outcome"] == "deny")
+        .filter(|e| e["action"] == "request.approve" || e["action"] == "request.create")
+        .map(|e| {
+            (
+                e["detail"]["code"].as_str().unwrap_or("").to_owned(),
+                e["detail"]["refusal"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    for code in [
+        "self_approval",
+        "not_approver",
+        "approver_required",
+        "contract_ended",
+    ] {
+        assert!(
+            refusals
+                .iter()
+                .any(|(c, words)| c == code && !words.is_empty()),
+            "{code} audited with words: {refusals:?}"
+        );
+    }
+    let approved = events(&log, "request.approve")
+        .into_iter()
+        .find(|e| e["outcome"] == "ok")
+        .expect("approval audited");
+    assert_eq!(approved["detail"]["approver"], "kim");
+    assert!(
+        approved["actor"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("admin:")
+    );
+    assert!(
+        !events(&log, "request.notice").is_empty(),
+        "the notice is audited"
+    );
 }

@@ -6,14 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 use wardgate_common::grant::ClientGrant;
 use wardgate_common::proto::{ErrorCode, Push, Request, Response, close};
 use wardgate_common::transport::{ClientError, ControlClient, ControlSession};
-use wardgate_common::{files, keys, unix_ms};
+use wardgate_common::{files, keys};
 
 use crate::datapath::{self, KeyedGrant, Mode};
 use crate::enrol;
@@ -88,6 +88,9 @@ pub struct ConnectionState {
     /// posture checks pass).
     #[serde(default)]
     pub posture_failing: Vec<String>,
+    /// The controller's notice that the access window ends soon, in words.
+    #[serde(default)]
+    pub ending: Option<String>,
 }
 
 /// A denial remembered for `status`.
@@ -121,7 +124,7 @@ pub struct ConnectOptions {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn connection_file(dir: &ConfigDir) -> PathBuf {
@@ -395,8 +398,12 @@ fn remember_denial(dir: &ConfigDir, resource: &str, reasons: Vec<String>) {
 }
 
 /// When to renew: when four fifths of the grant's life are over, at least 2 s before expiry.
+/// A grant that cannot be renewed is waited out to its end instead.
 fn renew_at(g: &ClientGrant) -> tokio::time::Instant {
     let left = u64::try_from(g.expires_at_ms - now_ms()).unwrap_or(0);
+    if !g.renewable {
+        return tokio::time::Instant::now() + Duration::from_millis(left);
+    }
     let before = (left / 5).max(2_000).min(left);
     tokio::time::Instant::now() + Duration::from_millis(left - before)
 }
@@ -489,6 +496,7 @@ pub async fn connect(
         renewal: "scheduled".into(),
         posture_reported_at_ms: reporter.accepted_at_ms,
         posture_failing: reporter.failing.clone(),
+        ending: None,
     };
     let save = |st: &ConnectionState| {
         if let Ok(bytes) = serde_json::to_vec_pretty(st) {
@@ -535,6 +543,20 @@ pub async fn connect(
                     reason,
                 });
             }
+            Event::Push(Some((
+                _,
+                Push::GrantEnding {
+                    grant_id,
+                    ends_at_ms,
+                    reason,
+                },
+            ))) if grant_id == current.grant_id => {
+                // Said on stderr for the person at the keyboard, and kept for `status`.
+                warn!(grant = grant_id, ends_at_ms, "{reason}");
+                eprintln!("wardgate: {reason}");
+                state.ending = Some(reason);
+                save(&state);
+            }
             Event::Push(Some(_)) => {}
             Event::Push(None) => {
                 // The controller cut this device off on purpose (revoked, account disabled):
@@ -567,7 +589,9 @@ pub async fn connect(
                     Reconnected::Session(s) => {
                         info!("reconnected to the controller");
                         session = s;
-                        if opts.break_glass.is_none() {
+                        // A grant with a fixed end (break-glass, an approved window) has
+                        // nothing to renew: it runs out as it would have.
+                        if opts.break_glass.is_none() && current.renewable {
                             renew = tokio::time::Instant::now();
                         }
                     }
@@ -610,6 +634,19 @@ pub async fn connect(
                     reason: "the break-glass grant reached its cap; break glass again if the \
                              emergency goes on"
                         .into(),
+                });
+            }
+            Event::Renew if !current.renewable => {
+                // The end is fixed (an approved window, a schedule, a contract): asking again
+                // would only get the same end. The gateway ends the traffic now by its clock.
+                let reason = format!(
+                    "the access window for {} ended; ask for a new one if you need more time",
+                    opts.resource
+                );
+                remember_denial(dir, &opts.resource, vec![reason.clone()]);
+                break Err(ConnectError::Ended {
+                    resource: opts.resource.clone(),
+                    reason,
                 });
             }
             Event::Renew => {

@@ -16,5 +16,6 @@ pub mod enrol;
 pub mod login;
 pub mod oidc;
 pub mod posture;
+pub mod request;
 pub mod state;
 pub mod status;

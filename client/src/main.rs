@@ -24,6 +24,10 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Testing only: read the wall clock as the real one plus the offset (ms) in this file.
+    /// Hidden; never set in production (see `wardgate_common::clock`).
+    #[arg(long, global = true, hide = true)]
+    test_clock: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -98,6 +102,29 @@ enum Cmd {
     },
     /// Ends the running `connect` (the controller ends its grant at once).
     Disconnect,
+    /// Asks for a window of access to a resource that needs approval (for this device only):
+    /// `--from` (default now) and `--until` or `--for`. Someone in the policy's approvers
+    /// group approves; `wardgate status` shows the state; `wardgate connect` works inside the
+    /// approved window.
+    Request {
+        /// The resource, e.g. `mri-console`.
+        resource: String,
+        /// Start: `now`, `2026-03-24T14:00:00+01:00` or `2026-03-24T14:00[Europe/Berlin]`.
+        #[arg(long)]
+        from: Option<String>,
+        /// End, written like --from.
+        #[arg(long, conflicts_with = "length")]
+        until: Option<String>,
+        /// Length instead of an end, e.g. `2h`.
+        #[arg(long = "for", id = "length")]
+        length: Option<humantime::Duration>,
+        /// Why (the approver and the audit log see it).
+        #[arg(long)]
+        reason: String,
+        /// A ticket reference, e.g. INC-4411.
+        #[arg(long)]
+        ticket: Option<String>,
+    },
     /// Shows what this device reports about itself (OS, disk encryption, firewall, screen lock,
     /// required processes) with the evidence for each fact; `--json` prints the report exactly
     /// as it would be sent.
@@ -230,6 +257,13 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(f) = cli.test_clock.clone() {
+        wardgate_common::clock::use_test_clock(f.clone());
+        eprintln!(
+            "warning: running on the test clock {} (testing only)",
+            f.display()
+        );
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -345,7 +379,7 @@ async fn real_main() -> anyhow::Result<()> {
                 break_glass,
             };
             let r = wardgate_client::connect::connect(&dir, opts, wardgate_common::signal::shutdown(), |g, listening| {
-                let cap_s = (g.expires_at_ms - wardgate_common::unix_ms(std::time::SystemTime::now())).max(0) / 1000;
+                let cap_s = (g.expires_at_ms - wardgate_common::clock::now_ms()).max(0) / 1000;
                 if json {
                     println!("{}", serde_json::json!({"event": "connected", "grant_id": g.grant_id, "resource": g.resource,
                         "expires_at_ms": g.expires_at_ms, "listening": listening, "break_glass": emergency}));
@@ -417,6 +451,40 @@ async fn real_main() -> anyhow::Result<()> {
         } => {
             tunnel(grants, keys, mode, tun_name, forwards, udp_forwards, socks).await?;
         }
+        Cmd::Request {
+            resource,
+            from,
+            until,
+            length,
+            reason,
+            ticket,
+        } => {
+            let r = wardgate_client::request::request(
+                &dir,
+                wardgate_client::request::Ask {
+                    resource,
+                    from,
+                    until,
+                    duration: length.map(Into::into),
+                    reason,
+                    ticket,
+                },
+            )
+            .await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "Request {} for {} from {} until {} is {}: an approver has to approve it; \
+                     `wardgate status` shows its state",
+                    r.id,
+                    r.resource,
+                    fmt_ms(r.from_ms),
+                    fmt_ms(r.until_ms),
+                    r.state
+                );
+            }
+        }
         Cmd::Status => {
             let st = wardgate_client::status::status(&dir).await?;
             let conn = wardgate_client::connect::current(&dir);
@@ -428,10 +496,7 @@ async fn real_main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if let Some(c) = &conn {
-                    let left = (c.expires_at_ms
-                        - wardgate_common::unix_ms(std::time::SystemTime::now()))
-                    .max(0)
-                        / 1000;
+                    let left = (c.expires_at_ms - wardgate_common::clock::now_ms()).max(0) / 1000;
                     println!(
                         "Grant:      {} (grant {}), {}m{}s left, renewal {}",
                         c.resource,
@@ -460,6 +525,24 @@ async fn real_main() -> anyhow::Result<()> {
                 println!("Connection: {}", st.connection);
                 if let Some(e) = &st.connection_error {
                     println!("            {e}");
+                }
+                for r in st.requests.iter().flatten().take(10) {
+                    println!(
+                        "Request {}: {} {} from {} until {}{}{}",
+                        r.id,
+                        r.resource,
+                        r.state,
+                        fmt_ms(r.from_ms),
+                        fmt_ms(r.until_ms),
+                        r.approver
+                            .as_deref()
+                            .map(|a| format!(", by {a}"))
+                            .unwrap_or_default(),
+                        r.decision_reason
+                            .as_deref()
+                            .map(|d| format!(": {d}"))
+                            .unwrap_or_default()
+                    );
                 }
             }
         }

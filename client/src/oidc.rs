@@ -1,16 +1,18 @@
-//! `wardgate login --oidc ISSUER`: signing in with an OpenID provider on this machine, then
-//! handing the controller only the ID token (and its nonce). Two flows:
+//! `wardgate login --oidc ISSUER`: signing in with an OpenID provider on this machine. Two
+//! flows:
 //!
 //! - **Authorization code + PKCE with a loopback redirect** (RFC 8252): a one-shot HTTP
 //!   listener on `127.0.0.1:0`, the authorization URL printed (and opened in a browser when
-//!   there is a desktop), the code exchanged with the PKCE verifier. `state` binds the
-//!   callback to this login, `nonce` binds the ID token to it.
+//!   there is a desktop). `state` binds the callback to this login. The client does **not**
+//!   redeem the code: it hands the code, the PKCE verifier, the redirect URI and the nonce to
+//!   the controller over the device's TLS channel, and the controller redeems them. So the
+//!   refresh token (`offline_access` is asked for) is only ever held by the controller, which
+//!   uses it to notice a user disabled at the provider.
 //! - **Device authorization grant** (RFC 8628) for machines without a browser: the user
-//!   enters a short code on another device while this one polls.
-//!
-//! No refresh token is asked for (no `offline_access`), and anything the token endpoint
-//! returns besides the ID token is dropped here: no long-lived credential leaves this
-//! function, let alone the machine.
+//!   enters a short code on another device while this one polls. Here the client redeems,
+//!   and keeps only the ID token: no `offline_access`, and the rest of the answer is dropped,
+//!   so no long-lived credential leaves this function (such sessions are not checked at the
+//!   provider while they last).
 
 use std::time::Duration;
 
@@ -19,10 +21,13 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wardgate_common::proto::{Login, Secret};
+use wardgate_common::proto::{Login, OidcCodeLogin, Secret};
 
-/// The scopes asked for: identity, e-mail, groups. No `offline_access`.
+/// The scopes asked for: identity, e-mail, groups. The code flow adds `offline_access` (the
+/// refresh token goes to the controller); the device flow never asks for it.
 pub const DEFAULT_SCOPE: &str = "openid profile email groups";
+/// The scope that makes the provider issue a refresh token.
+pub const OFFLINE_ACCESS: &str = "offline_access";
 /// The client id Wardgate is registered under at the IdP, unless told otherwise.
 pub const DEFAULT_CLIENT_ID: &str = "wardgate-cli";
 /// The loopback redirect path.
@@ -255,7 +260,7 @@ pub async fn login(opts: &OidcOptions) -> Result<Login, OidcError> {
         if opts.device {
             device_flow(&http, &d, opts).await
         } else {
-            code_flow(&http, &d, opts).await
+            code_flow(&d, opts).await
         }
     };
     tokio::time::timeout(opts.timeout, run)
@@ -286,11 +291,7 @@ fn open_browser(url: &str) {
         .spawn();
 }
 
-async fn code_flow(
-    http: &reqwest::Client,
-    d: &Discovery,
-    opts: &OidcOptions,
-) -> Result<Login, OidcError> {
+async fn code_flow(d: &Discovery, opts: &OidcOptions) -> Result<Login, OidcError> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(OidcError::Listen)?;
@@ -300,12 +301,17 @@ async fn code_flow(
     let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
     let state = random_token();
     let nonce = random_token();
+    let scope = code_flow_scope(&opts.scope);
     let url = reqwest::Url::parse_with_params(
         &d.authorization_endpoint,
         &[
             ("client_id", opts.client_id.as_str()),
             ("response_type", "code"),
-            ("scope", opts.scope.as_str()),
+            ("scope", scope.as_str()),
+            // OIDC Core §11: a refresh token (`offline_access`) is granted only with the
+            // user's explicit consent, so providers that follow it (oidc-provider, Keycloak)
+            // drop `offline_access` without this.
+            ("prompt", "consent"),
             ("redirect_uri", redirect_uri.as_str()),
             ("code_challenge", challenge.as_str()),
             ("code_challenge_method", "S256"),
@@ -326,23 +332,36 @@ async fn code_flow(
             Callback::Failed(e) => return Err(e),
         }
     };
-    let answer = token_request(
-        http,
-        &d.token_endpoint,
-        &[
-            ("grant_type", "authorization_code"),
-            ("code", code.expose()),
-            ("client_id", opts.client_id.as_str()),
-            ("redirect_uri", redirect_uri.as_str()),
-            ("code_verifier", verifier.as_str()),
-        ],
-    )
-    .await??;
-    let id_token = answer.id_token.ok_or(OidcError::NoIdToken)?;
-    Ok(Login::Oidc {
-        id_token: Secret::new(id_token),
-        nonce: Some(nonce),
-    })
+    // The controller redeems the code: the tokens, above all the refresh token, go to it
+    // and not to this machine.
+    Ok(Login::OidcCode(Box::new(OidcCodeLogin {
+        issuer: d.issuer.clone(),
+        client_id: opts.client_id.clone(),
+        code,
+        code_verifier: Secret::new(verifier),
+        redirect_uri,
+        nonce,
+    })))
+}
+
+/// The code flow's scopes: the configured ones plus `offline_access`, so the provider gives
+/// the controller a refresh token to check the user with.
+fn code_flow_scope(scope: &str) -> String {
+    if scope.split_whitespace().any(|s| s == OFFLINE_ACCESS) {
+        scope.to_owned()
+    } else {
+        format!("{} {OFFLINE_ACCESS}", scope.trim())
+    }
+}
+
+/// The device flow's scopes: never `offline_access` (the client would receive the refresh
+/// token, and refresh tokens must not leave the controller).
+fn device_flow_scope(scope: &str) -> String {
+    scope
+        .split_whitespace()
+        .filter(|s| *s != OFFLINE_ACCESS)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 enum Callback {
@@ -456,11 +475,12 @@ async fn device_flow(
         .as_deref()
         .ok_or(OidcError::NoDeviceFlow)?;
     check_url(endpoint)?;
+    let scope = device_flow_scope(&opts.scope);
     let resp = http
         .post(endpoint)
         .form(&[
             ("client_id", opts.client_id.as_str()),
-            ("scope", opts.scope.as_str()),
+            ("scope", scope.as_str()),
         ])
         .send()
         .await
@@ -517,5 +537,26 @@ async fn device_flow(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_code_flow_asks_for_a_refresh_token() {
+        assert_eq!(
+            code_flow_scope(DEFAULT_SCOPE),
+            "openid profile email groups offline_access"
+        );
+        assert_eq!(
+            code_flow_scope("openid offline_access"),
+            "openid offline_access"
+        );
+        assert_eq!(
+            device_flow_scope("openid offline_access groups"),
+            "openid groups"
+        );
     }
 }

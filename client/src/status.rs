@@ -26,6 +26,9 @@ pub struct Status {
     pub connection_error: Option<String>,
     /// The controller's error code, when it refused.
     pub connection_error_code: Option<String>,
+    /// This user's access requests, newest first (when the controller answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Vec<wardgate_common::proto::AccessRequestInfo>>,
 }
 
 /// Reads the state and, when enrolled, checks the connection.
@@ -40,6 +43,7 @@ pub async fn status(dir: &ConfigDir) -> Result<Status, StateError> {
             connection: "disconnected".into(),
             connection_error: Some("this device is not enrolled; run `wardgate enrol`".into()),
             connection_error_code: None,
+            requests: None,
         });
     };
     let mut st = Status {
@@ -56,6 +60,7 @@ pub async fn status(dir: &ConfigDir) -> Result<Status, StateError> {
         connection: "disconnected".into(),
         connection_error: None,
         connection_error_code: None,
+        requests: None,
     };
     if rec.enrolment != Enrolment::Enrolled {
         return Ok(st);
@@ -65,13 +70,20 @@ pub async fn status(dir: &ConfigDir) -> Result<Status, StateError> {
         let software = format!("wardgate {}", wardgate_common::SOFTWARE_VERSION);
         let mut c = ControlClient::connect(&rec.controller, cfg, &software).await?;
         let r = c.request(Request::WhoAmI).await;
+        let requests = match c.request(Request::ListAccessRequests).await {
+            Ok(Response::AccessRequests { requests }) => Some(requests),
+            _ => None,
+        };
         c.close().await;
-        Ok::<_, enrol::EnrolError>(r?)
+        Ok::<_, enrol::EnrolError>((r?, requests))
     }
     .await;
     match result {
-        Ok(Response::Identity(Identity::Device { .. })) => st.connection = "connected".into(),
-        Ok(other) => st.connection_error = Some(format!("unexpected answer: {other:?}")),
+        Ok((Response::Identity(Identity::Device { .. }), requests)) => {
+            st.connection = "connected".into();
+            st.requests = requests;
+        }
+        Ok((other, _)) => st.connection_error = Some(format!("unexpected answer: {other:?}")),
         Err(e) => {
             if let enrol::EnrolError::Client(c) = &e {
                 st.connection_error_code = c.wire().map(|w| w.code.to_string());

@@ -49,6 +49,15 @@ pub struct ClientGrant {
     pub rules: Vec<Rule>,
     /// Wall-clock expiry (ms since the Unix epoch).
     pub expires_at_ms: i64,
+    /// Whether asking again can extend it. `false` when the end is fixed (an approved access
+    /// window, a schedule, a vendor contract): the client then lets it run out rather than
+    /// renewing into the same end again and again.
+    #[serde(default = "renewable_by_default")]
+    pub renewable: bool,
+}
+
+fn renewable_by_default() -> bool {
+    true
 }
 
 /// Turns a wall-clock expiry into a deadline on the local monotonic clock, so later wall-clock

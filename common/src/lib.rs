@@ -5,6 +5,7 @@
 //! Nothing here knows about the store or the policy engine, so the client binary can link this
 //! crate without linking controller code.
 
+pub mod clock;
 pub mod dataplane;
 pub mod files;
 pub mod frame;

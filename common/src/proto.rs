@@ -118,6 +118,55 @@ pub enum Request {
         /// this device.
         report: crate::posture::PostureReport,
     },
+    /// A device's user asks for access to a resource that needs approval, for a window
+    /// (vendors, issue 7). The access is for this device only.
+    MakeAccessRequest(MakeAccessRequest),
+    /// A device's user asks for the state of their access requests.
+    ListAccessRequests,
+}
+
+/// Asking for a window of access that someone else must approve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MakeAccessRequest {
+    /// The resource.
+    pub resource: String,
+    /// When the window opens (ms since the epoch); `None` = now, by the controller's clock.
+    pub from_ms: Option<i64>,
+    /// When it closes; give this or `duration_ms`.
+    pub until_ms: Option<i64>,
+    /// How long it lasts from its start; give this or `until_ms`.
+    pub duration_ms: Option<u64>,
+    /// Why, for the approver and the audit log.
+    pub reason: String,
+    /// A ticket reference (`INC-4411`).
+    pub ticket: Option<String>,
+}
+
+/// An access request as its requester sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequestInfo {
+    /// Its number (what approvers type).
+    pub id: i64,
+    /// The resource.
+    pub resource: String,
+    /// The device it is for.
+    pub device_id: String,
+    /// Window start (ms).
+    pub from_ms: i64,
+    /// Window end (ms).
+    pub until_ms: i64,
+    /// The requester's reason.
+    pub reason: String,
+    /// Ticket reference.
+    pub ticket: Option<String>,
+    /// `pending`, `approved`, `denied`, `revoked` or `expired`.
+    pub state: String,
+    /// Who approved or denied it (user name).
+    pub approver: Option<String>,
+    /// The decision's reason or comment.
+    pub decision_reason: Option<String>,
+    /// When it was made (ms).
+    pub created_ms: i64,
 }
 
 /// Most rows one [`Request::ReportDrops`] may carry; a gateway sends the rest next time.
@@ -180,8 +229,15 @@ pub enum Login {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         totp: Option<Secret>,
     },
-    /// A user of an OpenID provider: the client ran the code + PKCE flow or the device grant
-    /// and hands over the ID token only. Access and refresh tokens stay out of Wardgate.
+    /// A user of an OpenID provider who ran the authorization-code + PKCE flow: the client
+    /// hands over the code and its PKCE verifier, and the controller redeems them itself, so
+    /// the refresh token it asks for (`offline_access`) never reaches the client. With it the
+    /// controller notices a user disabled at the provider while their session is live.
+    /// (Boxed: it is the largest login and would make every control frame as large.)
+    OidcCode(Box<OidcCodeLogin>),
+    /// A user of an OpenID provider who ran the device grant (no browser here): the client
+    /// hands over the ID token only, and gets no refresh token either, so such a session is
+    /// bounded by its lifetime and not checked at the provider while it lasts.
     Oidc {
         /// The ID token as the IdP's token endpoint returned it.
         id_token: Secret,
@@ -192,13 +248,30 @@ pub enum Login {
     },
 }
 
+/// What a code + PKCE login hands the controller (see [`Login::OidcCode`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OidcCodeLogin {
+    /// The issuer the client logged in at (selects the provider).
+    pub issuer: String,
+    /// The client id the authorization request used.
+    pub client_id: String,
+    /// The authorization code from the redirect.
+    pub code: Secret,
+    /// The PKCE verifier whose challenge the authorization request carried.
+    pub code_verifier: Secret,
+    /// The redirect URI of the authorization request (the provider checks they match).
+    pub redirect_uri: String,
+    /// The nonce of the authorization request; the ID token must carry exactly it.
+    pub nonce: String,
+}
+
 impl Login {
     /// The user name as the client knows it before the controller has said (local users), or
     /// `None` for OIDC (the controller names the user from the token).
     pub fn local_username(&self) -> Option<&str> {
         match self {
             Login::Local { username, .. } => Some(username),
-            Login::Oidc { .. } => None,
+            Login::Oidc { .. } | Login::OidcCode(_) => None,
         }
     }
 }
@@ -296,6 +369,16 @@ pub enum Push {
         /// Why, in words for the user.
         reason: String,
     },
+    /// To a device: a grant's access window ends soon and will not be renewed (an approved
+    /// request's end), so the user can save their work. Sent once per window.
+    GrantEnding {
+        /// The grant.
+        grant_id: u64,
+        /// When it ends (ms since the epoch).
+        ends_at_ms: i64,
+        /// In words for the user.
+        reason: String,
+    },
 }
 
 /// Successful answers.
@@ -365,6 +448,13 @@ pub enum Response {
         /// (empty when the device meets them all).
         #[serde(default)]
         failing: Vec<String>,
+    },
+    /// An access request was recorded (pending approval).
+    AccessRequestMade(AccessRequestInfo),
+    /// The requester's access requests, newest first.
+    AccessRequests {
+        /// The requests.
+        requests: Vec<AccessRequestInfo>,
     },
     /// Done.
     Done,
@@ -593,6 +683,21 @@ mod tests {
             nonce: Some("n".into()),
         };
         assert!(!format!("{o:?}").contains("eyJ"));
+        let c = Login::OidcCode(Box::new(OidcCodeLogin {
+            issuer: "https://idp".into(),
+            client_id: "wardgate-cli".into(),
+            code: Secret::new("code-secret"),
+            code_verifier: Secret::new("verifier-secret"),
+            redirect_uri: "http://127.0.0.1:1/callback".into(),
+            nonce: "n".into(),
+        }));
+        let d = format!("{c:?}");
+        assert!(!d.contains("code-secret") && !d.contains("verifier-secret"));
+        // On the wire it is one flat object like the other logins.
+        let json = serde_json::to_value(&c).expect("json");
+        assert_eq!(json["method"], "oidc_code");
+        assert_eq!(json["client_id"], "wardgate-cli");
+        assert_eq!(serde_json::from_value::<Login>(json).expect("parses"), c);
         // An older client's local login (no totp field) still parses.
         let old: Login =
             serde_json::from_str(r#"{"method":"local","username":"a","password":"p"}"#)

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -24,7 +24,6 @@ use wardgate_common::grant::{ClientGrant, GatewayGrant};
 use wardgate_common::keys;
 use wardgate_common::proto::{ErrorCode, Push, Secret, ServerMsg, WireError};
 use wardgate_common::rule::Rule;
-use wardgate_common::unix_ms;
 
 use crate::policy::{
     AccessRequest, BreakGlassDecision, CompiledPolicies, Decision, Facts, PolicySet, Session,
@@ -58,6 +57,8 @@ pub(crate) struct Issue<'a> {
     pub(crate) decide_action: &'static str,
     pub(crate) decide_detail: serde_json::Value,
     pub(crate) break_glass: Option<crate::store::NewBreakGlass>,
+    /// Whether asking again can extend the grant (see [`ClientGrant::renewable`]).
+    pub(crate) renewable: bool,
 }
 
 /// The controller's side of one live control connection: a queue of frames to write and the
@@ -119,7 +120,7 @@ impl PeerLink {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn ts(ms: i64) -> jiff::Timestamp {
@@ -197,7 +198,8 @@ impl PolicyCache {
 
 /// Gathers the facts the engine decides on for `device_id` now, from the device, its owner
 /// and the device's live login session (groups and MFA as that login established them; the
-/// session's end bounds every grant). No live session → `LoginRequired`.
+/// session's end bounds every grant), the user's approved access windows on this device and
+/// their vendor's contract. No live session → `LoginRequired`.
 pub async fn facts_for(
     ctl: &Controller,
     device_id: &str,
@@ -242,6 +244,19 @@ pub async fn facts_for(
         device: device.status,
         user_disabled: user.disabled,
         posture,
+        approvals: crate::requests::approved_facts(
+            &ctl.store
+                .approved_windows(&user.id, device_id, now)
+                .await
+                .map_err(internal)?,
+        ),
+        vendor: ctl
+            .store
+            .vendor_of_user(&user.id)
+            .await
+            .map_err(internal)?
+            .as_ref()
+            .map(crate::requests::contract_facts),
     };
     Ok((user, facts))
 }
@@ -336,6 +351,7 @@ impl Controller {
                     decide_action: "access.decide",
                     decide_detail: json!({"device": device_id, "policy": policy.to_string(), "expires_ms": expires_at.as_millisecond(), "facts": facts}),
                     break_glass: None,
+                    renewable: bounds.renewable(),
                 },
                 now,
             )
@@ -377,6 +393,7 @@ impl Controller {
             decide_action,
             decide_detail,
             break_glass,
+            renewable,
         } = i;
         let res = policies
             .resource(resource)
@@ -529,6 +546,7 @@ impl Controller {
             tunnel_addr: std::net::IpAddr::V4(tunnel),
             rules: serde_json::from_str(&grant.rules_json).map_err(internal)?,
             expires_at_ms: grant.expires_ms,
+            renewable,
         };
         Ok((grant, client_grant))
     }
@@ -623,6 +641,8 @@ impl Controller {
                         "cap": cap_text, "limited_by": limited_by, "expires_ms": expires_at.as_millisecond(),
                         "review": bg_id, "review_required": true, "facts": facts}),
                     break_glass: Some(NewBreakGlass { id: bg_id.clone(), reason: reason.clone() }),
+                    // Never renewed beyond the cap: the client breaks glass again if need be.
+                    renewable: false,
                 },
                 now,
             )

@@ -78,6 +78,11 @@ impl DataDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("controller.json")
     }
+    /// The key sealing the identity providers' refresh tokens in the store (0600, made at
+    /// the first start that trusts a provider). Losing it ends the sessions it sealed.
+    pub fn refresh_key(&self) -> PathBuf {
+        self.root.join("refresh.key")
+    }
     /// The trusted OpenID providers (`identity::IdentityFile`), read at start; optional.
     pub fn identity(&self) -> PathBuf {
         self.root.join("identity.json")

@@ -14,13 +14,11 @@
 //! so the private key never leaves their machine. If the controller makes it, the private key
 //! is in the answer once and is never stored or logged.
 
-use std::time::SystemTime;
-
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
+use wardgate_common::keys;
 use wardgate_common::proto::{ErrorCode, Secret, WireError};
-use wardgate_common::{keys, unix_ms};
 
 use crate::access::{EXPORT_DEVICE_OS, Issue};
 use crate::policy::{CompiledPolicies, ExportDecision};
@@ -67,7 +65,7 @@ pub struct ExportAnswer {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// Renders the `wg-quick` configuration.
@@ -163,13 +161,32 @@ impl Controller {
         let policies: std::sync::Arc<CompiledPolicies> = self.policies.get(self).await?;
         let at =
             |ms: i64| jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
-        let decision = policies.decide_export(
-            &req.resource,
-            &groups,
-            user.disabled,
-            at(req.until_ms),
-            at(now),
-        );
+        // A vendor's contract bounds an exported grant as it bounds every other one.
+        let contract = self
+            .store
+            .vendor_of_user(&user.id)
+            .await
+            .map_err(internal)?
+            .as_ref()
+            .map(crate::requests::contract_facts);
+        let decision = match &contract {
+            Some(v) if at(now) >= v.ends_at => ExportDecision::Deny {
+                reasons: vec![crate::policy::DenyReason::ContractEnded {
+                    vendor: v.vendor.clone(),
+                    contract_ref: v.contract_ref.clone(),
+                    end_date: v.end_date.clone(),
+                }],
+            },
+            _ => policies.decide_export(
+                &req.resource,
+                &groups,
+                user.disabled,
+                contract
+                    .as_ref()
+                    .map_or(at(req.until_ms), |v| at(req.until_ms).min(v.ends_at)),
+                at(now),
+            ),
+        };
         let (policy, expires_at) = match decision {
             ExportDecision::Deny { reasons } => {
                 let words: Vec<String> = reasons.iter().map(ToString::to_string).collect();
@@ -207,6 +224,7 @@ impl Controller {
                         "until_ms": req.until_ms, "expires_ms": expires_at.as_millisecond(),
                         "posture": "none", "session": "none", "key_made_by": if private.is_some() { "controller" } else { "vendor" }}),
                     break_glass: None,
+                    renewable: false,
                 },
                 now,
             )

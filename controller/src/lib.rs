@@ -16,6 +16,8 @@ pub mod notify;
 pub mod policy;
 pub mod posture;
 pub mod quic;
+pub mod refresh;
+pub mod requests;
 pub mod run;
 pub mod secrets;
 pub mod service;

@@ -7,12 +7,11 @@
 //! than the audit row: a wrong password and a wrong one-time code read the same, so an
 //! attacker cannot learn that the password was right.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde_json::json;
 use tracing::{info, warn};
 use wardgate_common::proto::{ErrorCode, Login, Response, SessionInfo, WireError};
-use wardgate_common::unix_ms;
 
 use crate::identity::IdentityError;
 use crate::secrets;
@@ -32,14 +31,20 @@ pub mod setting {
     pub const LOCKOUT_WINDOW: &str = "login.lockout_window";
     /// How long a locked name stays locked.
     pub const LOCKOUT_PERIOD: &str = "login.lockout_period";
+    /// How often the controller refreshes each OIDC session at its provider, which is how
+    /// soon a user disabled there loses their session (and how often each live session
+    /// costs the provider one token request).
+    pub const REFRESH_INTERVAL: &str = "session.refresh_interval";
 
-    /// Defaults: a working day, an hour idle, 5 failures in 15 minutes lock for 15 minutes.
+    /// Defaults: a working day, an hour idle, 5 failures in 15 minutes lock for 15 minutes,
+    /// sessions checked at the provider every 5 minutes.
     pub const DEFAULTS: &[(&str, &str)] = &[
         (SESSION_LIFETIME, "12h"),
         (SESSION_IDLE_TIMEOUT, "1h"),
         (LOCKOUT_THRESHOLD, "5"),
         (LOCKOUT_WINDOW, "15m"),
         (LOCKOUT_PERIOD, "15m"),
+        (REFRESH_INTERVAL, "5m"),
     ];
 }
 
@@ -56,6 +61,8 @@ pub struct IdentitySettings {
     pub lockout_window: Duration,
     /// See [`setting::LOCKOUT_PERIOD`].
     pub lockout_period: Duration,
+    /// See [`setting::REFRESH_INTERVAL`].
+    pub refresh_interval: Duration,
 }
 
 /// Why a setting value is refused.
@@ -95,7 +102,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -125,6 +132,18 @@ pub struct Authenticated {
     pub mfa: bool,
     /// Groups from the provider's claims (OIDC).
     pub groups: Option<Vec<String>>,
+    /// The provider's refresh token (OIDC code logins with `offline_access`), kept by the
+    /// session so the provider can be asked whether the user is still allowed.
+    pub refresh: Option<RefreshGrant>,
+}
+
+/// A refresh token and the client it was issued to.
+#[derive(Debug, Clone)]
+pub struct RefreshGrant {
+    /// The client id.
+    pub client_id: String,
+    /// The token (redacted in `Debug`).
+    pub token: wardgate_common::proto::Secret,
 }
 
 impl Controller {
@@ -152,6 +171,7 @@ impl Controller {
                 .unwrap_or(5),
             lockout_window: dur(setting::LOCKOUT_WINDOW),
             lockout_period: dur(setting::LOCKOUT_PERIOD),
+            refresh_interval: dur(setting::REFRESH_INTERVAL),
         })
     }
 
@@ -179,6 +199,17 @@ impl Controller {
             Login::Oidc { id_token, nonce } => {
                 self.authenticate_oidc(id_token.expose(), nonce.as_deref(), purpose)
                     .await
+            }
+            Login::OidcCode(c) => {
+                let login = crate::identity::CodeLogin {
+                    issuer: &c.issuer,
+                    client_id: &c.client_id,
+                    code: &c.code,
+                    code_verifier: &c.code_verifier,
+                    redirect_uri: &c.redirect_uri,
+                    nonce: &c.nonce,
+                };
+                self.authenticate_oidc_code(login, purpose).await
             }
         }
     }
@@ -386,7 +417,79 @@ impl Controller {
             provider: None,
             mfa,
             groups: None,
+            refresh: None,
         })
+    }
+
+    async fn oidc_deny(
+        &self,
+        reason: String,
+        code: ErrorCode,
+        msg: String,
+        purpose: &str,
+    ) -> WireError {
+        match self
+            .audit(
+                "anonymous",
+                "login.oidc",
+                "oidc",
+                "deny",
+                json!({"reason": reason, "code": code, "purpose": purpose}),
+            )
+            .await
+        {
+            Ok(()) => WireError::new(code, msg),
+            Err(e) => internal(e),
+        }
+    }
+
+    /// A code login: the controller redeems the code at the provider (with the client's
+    /// PKCE verifier), verifies the ID token, and keeps the refresh token for the session.
+    async fn authenticate_oidc_code(
+        &self,
+        login: crate::identity::CodeLogin<'_>,
+        purpose: &str,
+    ) -> Result<Authenticated, WireError> {
+        let Some(verifier) = self.verifier.as_ref() else {
+            let m = "this controller trusts no identity provider; log in with a local user or ask an administrator to configure one".to_owned();
+            return Err(self
+                .oidc_deny(m.clone(), ErrorCode::IdentityRejected, m, purpose)
+                .await);
+        };
+        if login.redirect_uri.len() > 2048 || login.nonce.len() > 512 {
+            let m = "the login's redirect URI or nonce is too long".to_owned();
+            return Err(self
+                .oidc_deny(m.clone(), ErrorCode::BadRequest, m, purpose)
+                .await);
+        }
+        let redeemed = match verifier.redeem_code(login).await {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = match &e {
+                    crate::identity::TokenError::Identity(ie) => identity_error_kind(ie),
+                    crate::identity::TokenError::Refused { .. } => "code_refused",
+                    crate::identity::TokenError::Unavailable { .. } => "provider_unavailable",
+                    crate::identity::TokenError::NoIdToken { .. } => "no_id_token",
+                    crate::identity::TokenError::UnknownClient { .. } => "unknown_client",
+                };
+                if e.is_transient() {
+                    warn!(error = %e, "OIDC login: the identity provider is unavailable");
+                }
+                return Err(self
+                    .oidc_deny(
+                        format!("{kind}: {e}"),
+                        ErrorCode::IdentityRejected,
+                        format!("the identity provider's login was refused: {e}"),
+                        purpose,
+                    )
+                    .await);
+            }
+        };
+        let refresh = redeemed.refresh_token.map(|token| RefreshGrant {
+            client_id: redeemed.client_id.clone(),
+            token,
+        });
+        self.finish_oidc(redeemed.identity, refresh, purpose).await
     }
 
     async fn authenticate_oidc(
@@ -395,37 +498,37 @@ impl Controller {
         nonce: Option<&str>,
         purpose: &str,
     ) -> Result<Authenticated, WireError> {
-        let deny = |reason: String, code: ErrorCode, msg: String| async move {
-            match self
-                .audit(
-                    "anonymous",
-                    "login.oidc",
-                    "oidc",
-                    "deny",
-                    json!({"reason": reason, "code": code, "purpose": purpose}),
-                )
-                .await
-            {
-                Ok(()) => WireError::new(code, msg),
-                Err(e) => internal(e),
-            }
-        };
         let Some(verifier) = self.verifier.as_ref() else {
             let m = "this controller trusts no identity provider; log in with a local user or ask an administrator to configure one".to_owned();
-            return Err(deny(m.clone(), ErrorCode::IdentityRejected, m).await);
+            return Err(self
+                .oidc_deny(m.clone(), ErrorCode::IdentityRejected, m, purpose)
+                .await);
         };
         let id = match verifier.verify_login(id_token, nonce).await {
             Ok(id) => id,
             Err(e) => {
                 let kind = identity_error_kind(&e);
-                return Err(deny(
-                    format!("{kind}: {e}"),
-                    ErrorCode::IdentityRejected,
-                    format!("the identity provider's token was refused: {e}"),
-                )
-                .await);
+                return Err(self
+                    .oidc_deny(
+                        format!("{kind}: {e}"),
+                        ErrorCode::IdentityRejected,
+                        format!("the identity provider's token was refused: {e}"),
+                        purpose,
+                    )
+                    .await);
             }
         };
+        self.finish_oidc(id, None, purpose).await
+    }
+
+    /// After the provider vouched for `id`: the Wardgate user (provisioned if new), refused
+    /// when disabled here, audited either way.
+    async fn finish_oidc(
+        &self,
+        id: crate::identity::VerifiedIdentity,
+        refresh: Option<RefreshGrant>,
+        purpose: &str,
+    ) -> Result<Authenticated, WireError> {
         let user = self.provision(&id).await?;
         let actor = format!("user:{}", user.username);
         if user.disabled {
@@ -450,7 +553,8 @@ impl Controller {
             &user.id,
             "allow",
             json!({"provider": id.provider, "subject": id.subject, "groups": id.groups, "mfa": id.mfa,
-                   "amr": id.amr, "acr": id.acr, "purpose": purpose}),
+                   "amr": id.amr, "acr": id.acr, "purpose": purpose,
+                   "refreshable": refresh.is_some()}),
         )
         .await
         .map_err(internal)?;
@@ -460,6 +564,7 @@ impl Controller {
             provider: Some(id.provider),
             mfa: id.mfa,
             groups: Some(id.groups),
+            refresh,
         })
     }
 
@@ -558,8 +663,24 @@ impl Controller {
             ended_ms: None,
             end_reason: None,
         };
+        let refresh = match (&who.refresh, &self.sealer, &who.provider) {
+            (Some(r), Some(sealer), Some(provider)) => Some(crate::store::SessionRefresh {
+                session_id: session.id.clone(),
+                provider: provider.clone(),
+                client_id: r.client_id.clone(),
+                token_sealed: sealer.seal(&session.id, &r.token).map_err(internal)?,
+                next_refresh_ms: now.saturating_add(ms(s.refresh_interval)),
+                failures: 0,
+                last_error: None,
+            }),
+            (Some(_), _, _) => {
+                warn!(session = %session.id, "no refresh-token key: this session will not be checked at the identity provider");
+                None
+            }
+            _ => None,
+        };
         self.store
-            .insert_session(&session)
+            .insert_session_with_refresh(&session, refresh.as_ref())
             .await
             .map_err(internal)?;
         let groups = match &who.groups {
@@ -577,7 +698,8 @@ impl Controller {
             "ok",
             json!({"device": device_id, "method": who.method.as_str(), "provider": who.provider,
                    "mfa": who.mfa, "groups": groups, "expires_ms": session.expires_ms,
-                   "idle_timeout_ms": session.idle_timeout_ms}),
+                   "idle_timeout_ms": session.idle_timeout_ms,
+                   "checked_at_provider": refresh.is_some()}),
         )
         .await
         .map_err(internal)?;

@@ -20,6 +20,10 @@ struct Cli {
     /// The data directory (CA, keys, configuration, SQLite database).
     #[arg(long, env = "WARDGATE_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Testing only: read the wall clock as the real one plus the offset (ms) in this file.
+    /// Hidden; never set in production (see `wardgate_common::clock`).
+    #[arg(long, global = true, hide = true)]
+    test_clock: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -159,6 +163,13 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(f) = cli.test_clock.clone() {
+        wardgate_common::clock::use_test_clock(f.clone());
+        eprintln!(
+            "warning: running on the test clock {} (testing only)",
+            f.display()
+        );
+    }
     init_tracing();
     let dir = DataDir::resolve(cli.data_dir)?;
     match cli.cmd {

@@ -76,6 +76,14 @@ pub mod kind {
     pub const GRANT_TERMINATED: &str = "grant.terminated";
     /// A grant was handed out as a WireGuard configuration.
     pub const WIREGUARD_EXPORT: &str = "grant.wireguard_export";
+    /// A user asked for an access window.
+    pub const REQUEST_CREATED: &str = "request.created";
+    /// An approver approved an access request.
+    pub const REQUEST_APPROVED: &str = "request.approved";
+    /// An approver denied an access request.
+    pub const REQUEST_DENIED: &str = "request.denied";
+    /// An approved access request was revoked (its live grants end).
+    pub const REQUEST_REVOKED: &str = "request.revoked";
 }
 
 /// One event as sinks receive it (the JSON body).

@@ -16,14 +16,13 @@
 //! The pieces that decide are pure ([`policy_report`], [`end_reason`], [`grants_to_end`]),
 //! so the unit tests need no store and no clock.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use serde_json::json;
 use tracing::{info, warn};
 use wardgate_common::posture as wire;
 use wardgate_common::proto::{ErrorCode, Response, WireError};
-use wardgate_common::unix_ms;
 
 use crate::policy::{self, AccessRequest, CompiledPolicies, Decision, DenyReason, Facts, Version};
 use crate::service::Controller;
@@ -42,7 +41,7 @@ pub const MAX_POSTURE_INTERVAL: Duration = Duration::from_secs(3600);
 pub const MAX_REPORT_PROCESSES: usize = 256;
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn ts(ms: i64) -> Timestamp {
@@ -429,6 +428,8 @@ mod tests {
             device: DeviceStatus::Approved,
             user_disabled: false,
             posture: report,
+            approvals: Vec::new(),
+            vendor: None,
         }
     }
 

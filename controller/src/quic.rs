@@ -338,6 +338,18 @@ async fn dispatch(ctl: &Controller, peer: &Peer, body: Request) -> Result<Respon
         (Request::Connect { .. } | Request::BreakGlass { .. }, Peer::Device(_)) => Err(
             WireError::new(ErrorCode::Internal, "connect is handled as a task"),
         ),
+        (Request::MakeAccessRequest(r), Peer::Device(d)) => ctl
+            .make_access_request(d, r)
+            .await
+            .map(Response::AccessRequestMade),
+        (Request::ListAccessRequests, Peer::Device(d)) => ctl
+            .device_access_requests(d)
+            .await
+            .map(|requests| Response::AccessRequests { requests }),
+        (Request::MakeAccessRequest(_) | Request::ListAccessRequests, _) => Err(WireError::new(
+            ErrorCode::Forbidden,
+            "only enrolled devices make access requests",
+        )),
         (Request::SyncGrants, _) => Err(WireError::new(
             ErrorCode::Forbidden,
             "only gateways sync grants",

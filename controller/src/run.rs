@@ -187,9 +187,31 @@ async fn sweep(ctl: Arc<Controller>, mut cancel: CancelToken) {
         }
         // Lapsed login sessions (and their grants), then expired grants.
         ctl.sweep().await;
+        ctl.sweep_requests().await;
         let ended = ctl.sweep_posture().await;
         if ended > 0 {
             info!(ended, "grants ended: posture reports too old or missing");
+        }
+    }
+}
+
+/// The session refresher: asks each OIDC session's provider, at the refresh interval,
+/// whether the user may still be signed in (see `Controller::refresh_sessions`). Its own task,
+/// so a slow provider never holds up the sweeper's session and posture work.
+async fn refresh(ctl: Arc<Controller>, mut cancel: CancelToken) {
+    if ctl.verifier.is_none() {
+        return;
+    }
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        tokio::select! {
+            _ = ctl.refresh_sessions() => {}
+            _ = cancel.cancelled() => return,
         }
     }
 }
@@ -221,7 +243,13 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
 
     let store = Store::open(&config.database_url).await?;
     let verifier = load_identity(dir)?;
-    let controller = Controller::with_verifier(store, ca, verifier);
+    let sealer = match &verifier {
+        Some(_) => Some(Arc::new(crate::identity::Sealer::load_or_create(
+            &dir.refresh_key(),
+        )?)),
+        None => None,
+    };
+    let controller = Controller::with_identity(store, ca, verifier, sealer);
 
     let quic_cfg =
         wardgate_common::tls::server_config(chain.clone(), key_der.clone_key(), &ca_der)?;
@@ -264,6 +292,7 @@ pub async fn start(dir: &DataDir, cancel: CancelToken) -> anyhow::Result<Running
     let tasks = vec![
         tokio::spawn(sweep(controller.clone(), cancel.clone())),
         tokio::spawn(crate::notify::run(controller.clone(), cancel.clone())),
+        tokio::spawn(refresh(controller.clone(), cancel.clone())),
         tokio::spawn(crate::quic::serve(
             controller.clone(),
             endpoint,

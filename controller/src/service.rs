@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use ipnet::IpNet;
 use serde_json::json;
@@ -13,7 +12,7 @@ use tracing::{info, warn};
 use wardgate_common::proto::{
     EnrolDevice, ErrorCode, Identity, JoinGateway, Response, Secret, WireError,
 };
-use wardgate_common::{keys, pki, unix_ms};
+use wardgate_common::{keys, pki};
 
 use crate::ca::{Ca, LeafRole};
 use crate::secrets::{self, TokenKind};
@@ -162,6 +161,9 @@ pub struct Controller {
     pub verifier: Option<Arc<crate::identity::Verifier>>,
     /// The webhook queue ([`Controller::notify`]); `crate::notify::run` delivers it.
     pub notifier: crate::notify::Notifier,
+    /// Seals the providers' refresh tokens before they reach the store; `None` when no
+    /// provider is trusted.
+    pub sealer: Option<Arc<crate::identity::Sealer>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> WireError {
@@ -178,7 +180,7 @@ fn bad(msg: impl Into<String>) -> WireError {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// Checks a `host:port` endpoint without resolving it (the gateway may name an address only
@@ -202,6 +204,17 @@ impl Controller {
         ca: Ca,
         verifier: Option<Arc<crate::identity::Verifier>>,
     ) -> Arc<Self> {
+        Self::with_identity(store, ca, verifier, None)
+    }
+
+    /// A controller trusting `verifier`'s providers and keeping their refresh tokens sealed
+    /// with `sealer`.
+    pub fn with_identity(
+        store: Store,
+        ca: Ca,
+        verifier: Option<Arc<crate::identity::Verifier>>,
+        sealer: Option<Arc<crate::identity::Sealer>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             ca,
@@ -209,6 +222,7 @@ impl Controller {
             policies: Default::default(),
             verifier,
             notifier: Default::default(),
+            sealer,
         })
     }
 

@@ -1900,6 +1900,46 @@ async fn a_grant_and_its_audit_events_commit_together() {
                 "grant {id} has its event"
             );
         }
+
+        // Refusals inside a batch (five racing for one key, one for a missing gateway) undo
+        // only themselves: the others commit with their events, the refused leave none.
+        let before = store.list_audit(None, None).await.unwrap().len();
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..30 {
+            let store = store.clone();
+            set.spawn(async move {
+                let key = if i % 6 == 0 {
+                    "dup".to_owned()
+                } else {
+                    format!("b{i}")
+                };
+                let gw = if i == 7 { "gw_9" } else { "gw_1" };
+                store
+                    .insert_grant_audited(&new_grant("dev_1", "usr_1", &key, &[gw], 10_000), |id| {
+                        let mut e = event(4);
+                        e.target = id.to_string();
+                        vec![e]
+                    })
+                    .await
+            });
+        }
+        let (mut ok, mut conflicts, mut missing) = (0, 0, 0);
+        while let Some(r) = set.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(StoreError::Conflict { .. }) => conflicts += 1,
+                Err(StoreError::NotFound { .. }) => missing += 1,
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((ok, conflicts, missing), (25, 4, 1));
+        let log = store.list_audit(None, None).await.unwrap();
+        assert_eq!(
+            log.len(),
+            before + 25,
+            "one event per committed grant, none for refusals"
+        );
+        assert_chain(&log);
         store.close().await;
     })
     .await;
@@ -2639,6 +2679,250 @@ async fn break_glass_queue_webhooks_and_outbox() {
             Err(StoreError::NotFound { .. })
         ));
         store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn session_refresh_rows_are_claimed_once_and_die_with_their_session() {
+    use wardgate_controller::store::{LoginMethod, Session, SessionRefresh};
+    on_both(|t| async move {
+        let s = t.open().await;
+        let mut u = user("usr_1", "amara");
+        u.password_hash = None;
+        s.insert_oidc_user(&u, "https://idp.example", "sub-amara")
+            .await
+            .unwrap();
+        s.insert_device(&device("dev_1", "usr_1")).await.unwrap();
+        s.insert_device(&device("dev_2", "usr_1")).await.unwrap();
+        let sess = |id: &str, dev: &str, created: i64| Session {
+            id: id.into(),
+            user_id: "usr_1".into(),
+            device_id: dev.into(),
+            method: LoginMethod::Oidc,
+            provider: Some("staff".into()),
+            mfa: true,
+            groups: Some(vec!["clinicians".into()]),
+            created_ms: created,
+            last_used_ms: created,
+            expires_ms: created + 100_000,
+            idle_timeout_ms: 100_000,
+            ended_ms: None,
+            end_reason: None,
+        };
+        let refresh = |id: &str, next: i64| SessionRefresh {
+            session_id: id.into(),
+            provider: "staff".into(),
+            client_id: "wardgate-cli".into(),
+            token_sealed: format!("v1.sealed-{id}"),
+            next_refresh_ms: next,
+            failures: 0,
+            last_error: None,
+        };
+        s.insert_session_with_refresh(
+            &sess("ses_1", "dev_1", 1_000),
+            Some(&refresh("ses_1", 3_000)),
+        )
+        .await
+        .unwrap();
+        s.insert_session_with_refresh(
+            &sess("ses_2", "dev_2", 1_000),
+            Some(&refresh("ses_2", 9_000)),
+        )
+        .await
+        .unwrap();
+        // Only what is due, and only once while leased.
+        let due = s.claim_due_refreshes(5_000, 60_000, 10).await.unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].session_id, "ses_1");
+        assert_eq!(due[0].token_sealed, "v1.sealed-ses_1");
+        assert!(
+            s.claim_due_refreshes(5_000, 60_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A transient failure keeps the row with its count; success resets it.
+        s.refresh_failed("ses_1", 1, "HTTP 503", 6_000)
+            .await
+            .unwrap();
+        let r = s.session_refresh("ses_1").await.unwrap().expect("row");
+        assert_eq!((r.failures, r.next_refresh_ms), (1, 6_000));
+        assert_eq!(r.last_error.as_deref(), Some("HTTP 503"));
+        s.refresh_succeeded("ses_1", "v1.rotated", 20_000)
+            .await
+            .unwrap();
+        let r = s.session_refresh("ses_1").await.unwrap().expect("row");
+        assert_eq!(
+            (r.failures, r.last_error, r.token_sealed.as_str()),
+            (0, None, "v1.rotated")
+        );
+        // Ending the session drops its token, and a second end is a no-op.
+        let ended = s
+            .end_session("ses_1", "disabled at the provider", 21_000)
+            .await
+            .unwrap();
+        assert_eq!(ended.map(|e| e.id).as_deref(), Some("ses_1"));
+        assert!(s.session_refresh("ses_1").await.unwrap().is_none());
+        assert!(
+            s.end_session("ses_1", "again", 22_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // A new login on dev_2 supersedes ses_2 and drops its token.
+        s.insert_session(&sess("ses_3", "dev_2", 30_000))
+            .await
+            .unwrap();
+        assert!(s.session_refresh("ses_2").await.unwrap().is_none());
+        assert!(
+            s.claim_due_refreshes(200_000, 60_000, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        s.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vendors_and_access_requests() {
+    use wardgate_controller::store::{NewAccessRequest, RequestDecision, RequestState, Vendor};
+    on_both(|t| async move {
+        let s = t.open().await;
+        s.insert_user(&user("usr_kim", "kim")).await.unwrap();
+        s.insert_user(&user("usr_eng", "acme-eng")).await.unwrap();
+        s.insert_device(&device("dev_eng", "usr_eng"))
+            .await
+            .unwrap();
+        let acme = Vendor {
+            name: "acme".into(),
+            sponsor_user_id: "usr_kim".into(),
+            contract_ref: "ACME-BAA-7".into(),
+            contract_end: "2026-10-31".into(),
+            contract_zone: "Europe/Berlin".into(),
+            contract_end_ms: 1_793_487_600_000,
+            created_ms: 1,
+        };
+        s.insert_vendor(&acme).await.unwrap();
+        assert!(matches!(
+            s.insert_vendor(&acme).await,
+            Err(StoreError::Conflict { .. })
+        ));
+        let mut ghost = acme.clone();
+        ghost.name = "ghost".into();
+        ghost.sponsor_user_id = "usr_nobody".into();
+        assert!(matches!(
+            s.insert_vendor(&ghost).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        s.add_vendor_member("acme", "usr_eng").await.unwrap();
+        assert!(matches!(
+            s.add_vendor_member("acme", "usr_eng").await,
+            Err(StoreError::Conflict { .. })
+        ));
+        assert_eq!(s.vendor_members("acme").await.unwrap(), ["usr_eng"]);
+        assert_eq!(
+            s.vendor_of_user("usr_eng").await.unwrap(),
+            Some(acme.clone())
+        );
+        assert_eq!(s.vendor_of_user("usr_kim").await.unwrap(), None);
+        assert_eq!(s.list_vendors().await.unwrap(), [acme]);
+
+        let new = |from_ms: i64, until_ms: i64| NewAccessRequest {
+            user_id: "usr_eng".into(),
+            device_id: "dev_eng".into(),
+            resource: "mri-console".into(),
+            from_ms,
+            until_ms,
+            reason: "firmware update".into(),
+            ticket: Some("INC-4411".into()),
+            created_ms: 100,
+        };
+        assert!(matches!(
+            s.insert_access_request(&new(500, 500)).await,
+            Err(StoreError::Invalid { .. })
+        ));
+        let r1 = s.insert_access_request(&new(1_000, 2_000)).await.unwrap();
+        let r2 = s.insert_access_request(&new(3_000, 4_000)).await.unwrap();
+        assert_eq!((r1.id, r2.id), (1, 2), "requests are numbered for people");
+        assert_eq!(r1.state, RequestState::Pending);
+        assert_eq!(r1.ticket.as_deref(), Some("INC-4411"));
+        assert_eq!(
+            s.list_access_requests(Some(RequestState::Pending))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+
+        let approve = RequestDecision {
+            to: RequestState::Approved,
+            by: "admin:tok".into(),
+            approver_user_id: Some("usr_kim".into()),
+            reason: Some("ok, INC-4411".into()),
+            at_ms: 500,
+        };
+        let a = s.decide_access_request(1, &approve).await.unwrap().unwrap();
+        assert_eq!(a.state, RequestState::Approved);
+        assert_eq!(a.approver_user_id.as_deref(), Some("usr_kim"));
+        // A second decision finds nothing to change: exactly one decision wins.
+        assert_eq!(s.decide_access_request(1, &approve).await.unwrap(), None);
+        let deny = RequestDecision {
+            to: RequestState::Denied,
+            reason: Some("not now".into()),
+            ..approve.clone()
+        };
+        assert_eq!(s.decide_access_request(1, &deny).await.unwrap(), None);
+        assert_eq!(s.decide_access_request(99, &approve).await.unwrap(), None);
+
+        // Approved and not ended: the facts of an approval condition (for that device only).
+        let w = s
+            .approved_windows("usr_eng", "dev_eng", 1_500)
+            .await
+            .unwrap();
+        assert_eq!(w.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert!(
+            s.approved_windows("usr_eng", "dev_other", 1_500)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            s.approved_windows("usr_eng", "dev_eng", 2_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        // The notice goes out once, within the lead before the end.
+        assert!(s.take_ending_requests(1_100, 500).await.unwrap().is_empty());
+        assert_eq!(s.take_ending_requests(1_600, 500).await.unwrap().len(), 1);
+        assert!(s.take_ending_requests(1_700, 500).await.unwrap().is_empty());
+
+        // Expiry: approved and pending requests whose window is over, once.
+        let expired = s.expire_access_requests(2_000).await.unwrap();
+        assert_eq!(expired.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert!(s.expire_access_requests(2_000).await.unwrap().is_empty());
+        assert_eq!(
+            s.access_request(1).await.unwrap().unwrap().state,
+            RequestState::Expired
+        );
+        // Revoking a pending one; then it is final.
+        let revoke = RequestDecision {
+            to: RequestState::Revoked,
+            by: "admin:tok".into(),
+            approver_user_id: None,
+            reason: Some("vendor off site".into()),
+            at_ms: 2_500,
+        };
+        let r = s.decide_access_request(2, &revoke).await.unwrap().unwrap();
+        assert_eq!(r.state, RequestState::Revoked);
+        assert_eq!(r.decision_reason.as_deref(), Some("vendor off site"));
+        assert_eq!(s.decide_access_request(2, &approve).await.unwrap(), None);
+        assert_eq!(s.access_requests_of_user("usr_eng").await.unwrap().len(), 2);
+        s.close().await;
     })
     .await;
 }

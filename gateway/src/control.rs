@@ -363,7 +363,7 @@ async fn apply_push(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }
-        Push::GrantEnded { .. } => Ok(()),
+        Push::GrantEnded { .. } | Push::GrantEnding { .. } => Ok(()),
     }
 }
 

@@ -21,6 +21,10 @@ struct Cli {
     /// Where the gateway keeps its keys and registration.
     #[arg(long, env = "WARDGATE_GATEWAY_DIR", global = true)]
     state_dir: Option<PathBuf>,
+    /// Testing only: read the wall clock as the real one plus the offset (ms) in this file.
+    /// Hidden; never set in production (see `wardgate_common::clock`).
+    #[arg(long, global = true, hide = true)]
+    test_clock: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -164,6 +168,13 @@ fn main() -> std::process::ExitCode {
 
 async fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(f) = cli.test_clock.clone() {
+        wardgate_common::clock::use_test_clock(f.clone());
+        eprintln!(
+            "warning: running on the test clock {} (testing only)",
+            f.display()
+        );
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

@@ -16,6 +16,12 @@
 //   POST /test/rotate-keys    {"keep_old": true}                        -> new active RS256 key
 //   GET  /test/keys                                                     -> {"active": kid, "kids": [...]}
 //   GET  /test/accounts                                                 -> the static accounts
+//   POST /test/accounts/disable {"account": "amara"}  -> the account is disabled: its logins
+//        fail (login_required) and its refresh tokens are refused (invalid_grant), as at a
+//        real IdP where an administrator disabled the user
+//   POST /test/accounts/enable  {"account": "amara"}  -> enabled again
+//   POST /test/down / POST /test/up                   -> an outage: every OpenID endpoint
+//        answers 503 until /test/up (the test endpoints keep working)
 //
 // Interactions: /interaction/:uid logs in the account named by `login_hint` and grants
 // whatever the client asked for. An unknown or missing hint ends the flow the way a real
@@ -94,6 +100,10 @@ const ACCOUNTS = {
   pat: { name: 'Pat Admin', groups: ['wardgate-admins', 'security'], amr: ['pwd', 'mfa'], acr: ACR_MFA },
   nomfa: { name: 'No MFA', groups: ['clinicians'], amr: ['pwd'], acr: ACR_PWD },
 };
+
+// Accounts an administrator disabled (test endpoint), and whether the IdP is "down".
+const DISABLED = new Set();
+let DOWN = false;
 
 function emailOf(id) {
   return `${id}@hospital.test`;
@@ -180,7 +190,9 @@ function makeProvider(keys) {
     interactions: { url: (_ctx, interaction) => `/interaction/${interaction.uid}` },
     async findAccount(_ctx, sub) {
       const account = ACCOUNTS[sub];
-      if (!account) return undefined;
+      // A disabled account is not found: oidc-provider then refuses its refresh tokens and
+      // codes with invalid_grant ("referenced account not found").
+      if (!account || DISABLED.has(sub)) return undefined;
       return {
         accountId: sub,
         async claims() {
@@ -235,6 +247,13 @@ async function interaction(req, res) {
   if (prompt.name === 'login') {
     const hint = params.login_hint;
     const account = hint ? ACCOUNTS[hint] : undefined;
+    if (account && DISABLED.has(hint)) {
+      await provider.interactionFinished(req, res, {
+        error: 'login_required',
+        error_description: `the account '${hint}' is disabled`,
+      }, { mergeWithLastSubmission: false });
+      return;
+    }
     if (!account) {
       await provider.interactionFinished(req, res, {
         error: 'login_required',
@@ -276,6 +295,7 @@ async function approveDevice(body) {
   const userCode = String(body.user_code ?? '').replace(/[^A-Za-z]/g, '').toUpperCase();
   const account = ACCOUNTS[body.account];
   if (!account) return [400, { error: `no account '${body.account}'` }];
+  if (DISABLED.has(body.account)) return [403, { error: `the account '${body.account}' is disabled` }];
   const code = await provider.DeviceCode.findByUserCode(userCode, { ignoreExpiration: true });
   if (!code) return [404, { error: `no device authorization with user_code '${body.user_code}'` }];
   if (code.isExpired) return [410, { error: 'the device code has expired' }];
@@ -306,6 +326,13 @@ async function denyDevice(body) {
   return [200, { denied: true }];
 }
 
+function setDisabled(body, disabled) {
+  const name = String(body.account ?? '');
+  if (!ACCOUNTS[name]) return [400, { error: `no account '${name}'` }];
+  if (disabled) DISABLED.add(name); else DISABLED.delete(name);
+  return [200, { account: name, disabled }];
+}
+
 function rotateKeys(body) {
   const fresh = newSigningKey();
   signingKeys = body.keep_old === false ? [fresh] : [fresh, ...signingKeys];
@@ -330,9 +357,17 @@ const server = http.createServer(async (req, res) => {
         case 'POST /test/rotate-keys': out = rotateKeys(await readJson(req)); break;
         case 'GET /test/keys': out = [200, { active: signingKeys[0].kid, kids: signingKeys.map((k) => k.kid) }]; break;
         case 'GET /test/accounts': out = [200, ACCOUNTS]; break;
+        case 'POST /test/accounts/disable': out = setDisabled(await readJson(req), true); break;
+        case 'POST /test/accounts/enable': out = setDisabled(await readJson(req), false); break;
+        case 'POST /test/down': DOWN = true; out = [200, { down: true }]; break;
+        case 'POST /test/up': DOWN = false; out = [200, { down: false }]; break;
         default: out = [404, { error: `no test endpoint ${route}` }];
       }
       sendJson(res, out[0], out[1]);
+      return;
+    }
+    if (DOWN) {
+      sendJson(res, 503, { error: 'temporarily_unavailable', error_description: 'the test IdP is down (POST /test/up)' });
       return;
     }
     providerCallback(req, res);

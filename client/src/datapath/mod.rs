@@ -19,7 +19,7 @@
 mod io;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +30,6 @@ use wardgate_common::dataplane::udp::{BatchUdpSocket, RecvBatch};
 use wardgate_common::grant::{self, ClientGrant};
 use wardgate_common::keys::{self, StaticSecret};
 use wardgate_common::packet::{Packet, Transport};
-use wardgate_common::unix_ms;
 
 use io::PacketIo;
 pub use io::{Mode, ModeError};
@@ -197,7 +196,8 @@ impl Tunnel {
         let gw = keys::decode_public(&grant.gateway_public_key).map_err(|e| bad(e.to_string()))?;
         let psk = keys::decode_key(grant.preshared_key.expose()).map_err(|e| bad(e.to_string()))?;
         let now = now();
-        let expires_at = grant::deadline(grant.expires_at_ms, unix_ms(SystemTime::now()), now);
+        let expires_at =
+            grant::deadline(grant.expires_at_ms, wardgate_common::clock::now_ms(), now);
         if expires_at <= now {
             return Err(bad("it has already expired".into()));
         }

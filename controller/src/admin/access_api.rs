@@ -4,7 +4,6 @@
 //! gateways at once, and their devices are told why).
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::Json;
 use axum::Router;
@@ -13,7 +12,6 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post, put};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use wardgate_common::unix_ms;
 
 use super::api::{Admin, Failure};
 use crate::access::load_policy_set;
@@ -22,7 +20,7 @@ use crate::service::Controller;
 use crate::store::DocKind;
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn bad(msg: impl Into<String>) -> Failure {
@@ -450,6 +448,8 @@ async fn dry_run(
             device: crate::store::DeviceStatus::Approved,
             user_disabled: user.disabled,
             posture: None,
+            approvals: Vec::new(),
+            vendor: None,
         },
     };
     let policies = ctl.policies.get(&ctl).await.map_err(|e| bad(e.message))?;

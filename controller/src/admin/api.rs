@@ -2,7 +2,6 @@
 //! every change is audited with the token's id as the actor.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
@@ -13,7 +12,6 @@ use axum::{Json, Router};
 use ipnet::IpNet;
 use serde_json::json;
 use tracing::{info, warn};
-use wardgate_common::unix_ms;
 
 use super::types::*;
 use crate::ca::LeafRole;
@@ -64,13 +62,16 @@ fn bad_request(msg: impl Into<String>) -> Failure {
 }
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// An authenticated administrator (the admin token's id).
 pub struct Admin {
     /// The audit actor (`admin:<token id>`).
     pub actor: String,
+    /// The person, when they signed in with an OpenID provider (user name and the groups
+    /// their token carries); `None` for admin tokens, which are no person.
+    pub person: Option<(String, Vec<String>)>,
 }
 
 impl FromRequestParts<Arc<Controller>> for Admin {
@@ -99,6 +100,7 @@ impl FromRequestParts<Arc<Controller>> for Admin {
             Some(t) if t.revoked_ms.is_none() && t.expires_ms.is_none_or(|e| e > now) => {
                 Ok(Admin {
                     actor: format!("admin:{}", t.id),
+                    person: None,
                 })
             }
             Some(_) => Err(unauthorized("this admin token has expired or was revoked")),
@@ -192,7 +194,10 @@ async fn oidc_admin(ctl: &Arc<Controller>, token: &str) -> Result<Admin, Failure
         )
         .await);
     }
-    Ok(Admin { actor })
+    Ok(Admin {
+        actor,
+        person: Some((id.username.clone(), id.groups.clone())),
+    })
 }
 
 /// The router, with the controller as state.
@@ -209,6 +214,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/users/{username}/totp", post(enrol_totp))
         .merge(super::access_api::router())
         .merge(super::breakglass_api::router())
+        .merge(super::requests_api::router())
         .with_state(ctl)
 }
 
@@ -226,6 +232,10 @@ async fn settings_view(ctl: &Controller) -> Result<Settings, Failure> {
         lockout_window: Some(d(id.lockout_window)),
         lockout_period: Some(d(id.lockout_period)),
         break_glass_overdue: Some(d(super::breakglass_api::overdue_after(ctl).await)),
+        session_refresh_interval: Some(d(id.refresh_interval)),
+        request_notice_lead_ms: Some(
+            u64::try_from(ctl.notice_lead().await.as_millis()).unwrap_or(u64::MAX),
+        ),
     })
 }
 
@@ -254,6 +264,11 @@ async fn put_settings(
             )));
         }
     }
+    if s.request_notice_lead_ms
+        .is_some_and(|ms| ms > 24 * 3600 * 1000)
+    {
+        return Err(bad_request("request_notice_lead_ms must be at most a day"));
+    }
     use crate::login::{check_setting, setting};
     let threshold = s.lockout_threshold.map(|n| n.to_string());
     let changes: Vec<(&str, Option<&str>)> = vec![
@@ -268,6 +283,10 @@ async fn put_settings(
         (
             super::breakglass_api::SETTING_OVERDUE,
             s.break_glass_overdue.as_deref(),
+        ),
+        (
+            setting::REFRESH_INTERVAL,
+            s.session_refresh_interval.as_deref(),
         ),
     ];
     // All or nothing: check every value before writing any.
@@ -290,6 +309,11 @@ async fn put_settings(
         if let Some(v) = v {
             ctl.store.set_setting(name, v.trim()).await?;
         }
+    }
+    if let Some(ms) = s.request_notice_lead_ms {
+        ctl.store
+            .set_setting(crate::requests::SETTING_NOTICE_LEAD_MS, &ms.to_string())
+            .await?;
     }
     ctl.audit(
         &admin.actor,

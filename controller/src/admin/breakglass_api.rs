@@ -2,7 +2,7 @@
 //! export. Reviews and sink changes are audited; webhook secrets go in and never come out.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -12,7 +12,6 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use wardgate_common::proto::{ErrorCode, WireError};
-use wardgate_common::unix_ms;
 
 use super::api::{Admin, Failure};
 use crate::export::{ExportAnswer, ExportRequest};
@@ -27,7 +26,7 @@ pub const DEFAULT_OVERDUE: Duration = Duration::from_secs(24 * 3600);
 const MAX_COMMENT_LEN: usize = 2000;
 
 fn now_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 fn bad(msg: impl Into<String>) -> Failure {

@@ -80,6 +80,12 @@ pub enum AdminCmd {
     /// Webhook sinks for notifications (break-glass, terminations, …).
     #[command(subcommand)]
     Webhook(WebhookCmd),
+    /// Vendor organisations: sponsor, contract, members.
+    #[command(subcommand)]
+    Vendor(VendorCmd),
+    /// Access requests: list, approve, deny, revoke.
+    #[command(subcommand)]
+    Request(RequestCmd),
 }
 
 /// Break-glass commands.
@@ -307,6 +313,85 @@ pub enum SettingsCmd {
         /// A break-glass event unreviewed this long is listed as overdue, e.g. 24h.
         #[arg(long)]
         break_glass_overdue: Option<String>,
+        /// How often OIDC sessions are checked at their identity provider (a refresh), e.g.
+        /// 5m: a user disabled there loses access within about this long.
+        #[arg(long)]
+        session_refresh_interval: Option<String>,
+        /// How long before an approved access window ends the device is told, e.g. 10m.
+        #[arg(long)]
+        request_notice: Option<humantime::Duration>,
+    },
+}
+
+/// Vendor commands.
+#[derive(Debug, Subcommand)]
+pub enum VendorCmd {
+    /// Creates a vendor organisation.
+    Create {
+        /// Name, e.g. `acme`.
+        name: String,
+        /// The staff user who sponsors it.
+        #[arg(long)]
+        sponsor: String,
+        /// Contract or BAA reference, e.g. ACME-BAA-7.
+        #[arg(long)]
+        contract_ref: String,
+        /// The contract's last day (YYYY-MM-DD): no grant after it.
+        #[arg(long)]
+        contract_end: String,
+        /// The time zone that day is counted in (default UTC).
+        #[arg(long)]
+        contract_zone: Option<String>,
+    },
+    /// Lists vendors with their members.
+    List,
+    /// Adds a user to a vendor.
+    AddMember {
+        /// Vendor.
+        vendor: String,
+        /// User name.
+        username: String,
+    },
+}
+
+/// Access request commands.
+#[derive(Debug, Subcommand)]
+pub enum RequestCmd {
+    /// Lists requests, newest first.
+    List {
+        /// Only those waiting for a decision.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Approves a request: its window becomes a grant window.
+    Approve {
+        /// Request number.
+        id: i64,
+        /// The approving user (required with an admin token; must be in the approvers group).
+        #[arg(long)]
+        approver: Option<String>,
+        /// A comment for the record.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Denies a request.
+    Deny {
+        /// Request number.
+        id: i64,
+        /// Why (the requester is told).
+        #[arg(long)]
+        reason: String,
+        /// The denying user.
+        #[arg(long)]
+        approver: Option<String>,
+    },
+    /// Revokes a request: live grants under it end now.
+    Revoke {
+        /// Request number.
+        id: i64,
+        /// Why (the requester is told).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -894,9 +979,13 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
             lockout_window,
             lockout_period,
             break_glass_overdue,
+            session_refresh_interval,
+            request_notice,
         }) => {
             let update = SettingsUpdate {
                 break_glass_overdue,
+                request_notice_lead_ms: request_notice
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 enrolment_requires_approval,
                 posture_report_interval_ms: posture_interval
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -905,17 +994,151 @@ pub async fn run(conn: Conn, data_dir: DataDir, cmd: AdminCmd) -> anyhow::Result
                 lockout_threshold,
                 lockout_window,
                 lockout_period,
+                session_refresh_interval,
             };
             let r: Settings = c.put("/api/v1/settings", &update).await?;
             print(json, &r, settings_text)
         }
+        AdminCmd::Vendor(v) => vendor(&c, json, v).await,
+        AdminCmd::Request(r) => request(&c, json, r).await,
     }
+}
+
+async fn vendor(c: &AdminClient, json: bool, cmd: VendorCmd) -> anyhow::Result<()> {
+    use super::requests_api::{AddVendorMember, CreateVendor, VendorView};
+    match cmd {
+        VendorCmd::Create {
+            name,
+            sponsor,
+            contract_ref,
+            contract_end,
+            contract_zone,
+        } => {
+            let body = CreateVendor {
+                name: name.clone(),
+                sponsor,
+                contract_ref,
+                contract_end,
+                contract_zone,
+            };
+            let r = c.post_empty("/api/v1/vendors", &body).await?;
+            print(json, &r, |_| format!("vendor {name} created"))
+        }
+        VendorCmd::List => {
+            let r: Vec<VendorView> = c.get("/api/v1/vendors").await?;
+            print(json, &r, |r| {
+                r.iter()
+                    .map(|v| {
+                        format!(
+                            "{} (sponsor {}): contract {} until {} {}; members: {}",
+                            v.name,
+                            v.sponsor,
+                            v.contract_ref,
+                            v.contract_end,
+                            v.contract_zone,
+                            v.members.join(", ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        VendorCmd::AddMember { vendor, username } => {
+            let r = c
+                .post_empty(
+                    &format!("/api/v1/vendors/{vendor}/members"),
+                    &AddVendorMember {
+                        username: username.clone(),
+                    },
+                )
+                .await?;
+            print(json, &r, |_| format!("{username} added to vendor {vendor}"))
+        }
+    }
+}
+
+fn request_line(v: &super::requests_api::RequestView) -> String {
+    let r = &v.request;
+    format!(
+        "#{} {:<9} {} → {} on {} from {} until {}{} — {}{}",
+        r.id,
+        r.state,
+        v.user,
+        r.resource,
+        r.device_id,
+        fmt_ms(r.from_ms),
+        fmt_ms(r.until_ms),
+        r.ticket
+            .as_deref()
+            .map(|t| format!(" [{t}]"))
+            .unwrap_or_default(),
+        r.reason,
+        match (&r.approver, &r.decision_reason) {
+            (Some(a), Some(d)) => format!(" (by {a}: {d})"),
+            (Some(a), None) => format!(" (by {a})"),
+            (None, Some(d)) => format!(" ({d})"),
+            (None, None) => String::new(),
+        }
+    )
+}
+
+async fn request(c: &AdminClient, json: bool, cmd: RequestCmd) -> anyhow::Result<()> {
+    use super::requests_api::{RequestDecisionBody, RequestView};
+    let (id, action, body) = match cmd {
+        RequestCmd::List { pending } => {
+            let path = if pending {
+                "/api/v1/requests?state=pending"
+            } else {
+                "/api/v1/requests"
+            };
+            let r: Vec<RequestView> = c.get(path).await?;
+            return print(json, &r, |r| {
+                r.iter().map(request_line).collect::<Vec<_>>().join("\n")
+            });
+        }
+        RequestCmd::Approve {
+            id,
+            approver,
+            comment,
+        } => (
+            id,
+            "approve",
+            RequestDecisionBody {
+                approver,
+                reason: comment,
+            },
+        ),
+        RequestCmd::Deny {
+            id,
+            reason,
+            approver,
+        } => (
+            id,
+            "deny",
+            RequestDecisionBody {
+                approver,
+                reason: Some(reason),
+            },
+        ),
+        RequestCmd::Revoke { id, reason } => (
+            id,
+            "revoke",
+            RequestDecisionBody {
+                approver: None,
+                reason: Some(reason),
+            },
+        ),
+    };
+    let r: RequestView = c
+        .post(&format!("/api/v1/requests/{id}/{action}"), &body)
+        .await?;
+    print(json, &r, request_line)
 }
 
 fn settings_text(s: &Settings) -> String {
     let o = |v: &Option<String>| v.clone().unwrap_or_default();
     format!(
-        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}\nbreak-glass overdue after:   {}",
+        "enrolment requires approval: {}\nposture report interval:     {}\nsession lifetime:            {}\nsession idle timeout:        {}\nlockout:                     {} failures within {} lock for {}\nsession refresh interval:    {}\nbreak-glass overdue after:   {}",
         s.enrolment_requires_approval,
         humantime::format_duration(std::time::Duration::from_millis(
             s.posture_report_interval_ms
@@ -925,6 +1148,7 @@ fn settings_text(s: &Settings) -> String {
         s.lockout_threshold.unwrap_or_default(),
         o(&s.lockout_window),
         o(&s.lockout_period),
+        o(&s.session_refresh_interval),
         o(&s.break_glass_overdue)
     )
 }

@@ -7,4 +7,5 @@ pub mod api;
 pub mod breakglass_api;
 pub mod cli;
 pub mod https;
+pub mod requests_api;
 pub mod types;

@@ -131,6 +131,13 @@ pub struct Settings {
     /// A break-glass event unreviewed this long is overdue (e.g. `24h`).
     #[serde(default)]
     pub break_glass_overdue: Option<String>,
+    /// How often OIDC sessions are refreshed at their provider (e.g. `5m`): how soon a user
+    /// disabled there loses access.
+    #[serde(default)]
+    pub session_refresh_interval: Option<String>,
+    /// How long before an approved access window ends the device is told (ms).
+    #[serde(default)]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 fn default_posture_interval_ms() -> u64 {
@@ -164,6 +171,12 @@ pub struct SettingsUpdate {
     /// See [`Settings`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub break_glass_overdue: Option<String>,
+    /// See [`Settings`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_refresh_interval: Option<String>,
+    /// See [`Settings`] (at most a day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_notice_lead_ms: Option<u64>,
 }
 
 /// A TOTP enrolment, shown once.

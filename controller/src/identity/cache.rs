@@ -39,10 +39,16 @@ impl Default for CacheOptions {
 #[derive(Default)]
 struct KeyState {
     jwks_uri: Option<String>,
+    token_endpoint: Option<String>,
     jwks: Option<Arc<Jwks>>,
     fetched_at: Option<Instant>,
     last_attempt: Option<Instant>,
     fetches: u64,
+}
+
+struct Discovered {
+    jwks_uri: String,
+    token_endpoint: Option<String>,
 }
 
 struct Slot {
@@ -83,7 +89,10 @@ pub fn http_client(
 }
 
 /// Reads a response body up to `max` bytes.
-async fn read_limited(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+pub(super) async fn read_limited(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         if out.len() + chunk.len() > max {
@@ -305,9 +314,10 @@ impl Verifier {
         let jwks_uri = match &st.jwks_uri {
             Some(u) => u.clone(),
             None => {
-                let u = self.discover(config).await?;
-                st.jwks_uri = Some(u.clone());
-                u
+                let d = self.discover(config).await?;
+                st.jwks_uri = Some(d.jwks_uri.clone());
+                st.token_endpoint = d.token_endpoint;
+                d.jwks_uri
             }
         };
         let jwks_err = |detail: String| IdentityError::Jwks {
@@ -329,10 +339,54 @@ impl Verifier {
         Ok(jwks)
     }
 
-    /// Reads the discovery document and returns its `jwks_uri`, after checking that the
-    /// document's `issuer` is exactly the configured one (OIDC Discovery 4.3: otherwise one
-    /// IdP could impersonate another).
-    async fn discover(&self, config: &ProviderConfig) -> Result<String, IdentityError> {
+    /// The token endpoint of the provider whose issuer is `issuer`, with its configuration;
+    /// discovered once and kept (with the key set's location) for the process's life.
+    pub(super) async fn token_endpoint(
+        &self,
+        issuer: &str,
+    ) -> Result<(&ProviderConfig, String), IdentityError> {
+        let slot = self.slot_by_issuer(issuer)?;
+        let mut st = slot.keys.lock().await;
+        if st.token_endpoint.is_none() {
+            let d = self.discover(&slot.config).await?;
+            st.jwks_uri = Some(d.jwks_uri);
+            st.token_endpoint = d.token_endpoint;
+        }
+        let endpoint = st
+            .token_endpoint
+            .clone()
+            .ok_or_else(|| IdentityError::Discovery {
+                provider: slot.config.name.clone(),
+                url: slot.config.issuer.clone(),
+                detail: "it names no token_endpoint".into(),
+            })?;
+        Ok((&slot.config, endpoint))
+    }
+
+    fn slot_by_issuer(&self, issuer: &str) -> Result<&Slot, IdentityError> {
+        self.slots
+            .iter()
+            .find(|s| s.config.issuer == issuer)
+            .ok_or_else(|| IdentityError::UnknownIssuer {
+                issuer: issuer.to_owned(),
+                known: self
+                    .slots
+                    .iter()
+                    .map(|s| format!("`{}`", s.config.issuer))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The HTTP client for the providers.
+    pub(super) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Reads the discovery document and returns where the keys and the token endpoint are,
+    /// after checking that the document's `issuer` is exactly the configured one (OIDC
+    /// Discovery 4.3: otherwise one IdP could impersonate another).
+    async fn discover(&self, config: &ProviderConfig) -> Result<Discovered, IdentityError> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             config.issuer.trim_end_matches('/')
@@ -347,6 +401,8 @@ impl Verifier {
         struct Doc {
             issuer: String,
             jwks_uri: String,
+            #[serde(default)]
+            token_endpoint: Option<String>,
         }
         let doc: Doc = serde_json::from_slice(&body)
             .map_err(|e| bad(format!("not a discovery document ({e})")))?;
@@ -357,7 +413,13 @@ impl Verifier {
             )));
         }
         check_url("jwks_uri", &doc.jwks_uri).map_err(bad)?;
-        Ok(doc.jwks_uri)
+        if let Some(t) = &doc.token_endpoint {
+            check_url("token_endpoint", t).map_err(bad)?;
+        }
+        Ok(Discovered {
+            jwks_uri: doc.jwks_uri,
+            token_endpoint: doc.token_endpoint,
+        })
     }
 
     /// How many key-set fetches were made for the provider named `name` (diagnostics, and

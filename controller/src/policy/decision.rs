@@ -92,37 +92,62 @@ pub struct GrantBounds {
     pub session_end: Timestamp,
     /// When the current access window closes; `None` if the policy has no windows.
     pub window_end: Option<Timestamp>,
-    /// Which bound is the earliest (ties: policy cap, then session, then window).
+    /// When the approved access request's window closes; `None` if the policy needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_end: Option<Timestamp>,
+    /// When the user's vendor contract ends; `None` for staff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract_end: Option<Timestamp>,
+    /// Which bound is the earliest (ties: policy cap, session, window, approval, contract).
     pub limited_by: Bound,
 }
 
 impl GrantBounds {
-    pub(crate) fn new(
+    pub(crate) fn with_ends(
         policy_cap: Timestamp,
         session_end: Timestamp,
         window_end: Option<Timestamp>,
+        approval_end: Option<Timestamp>,
+        contract_end: Option<Timestamp>,
     ) -> Self {
         let mut limited_by = Bound::PolicyCap;
         let mut earliest = policy_cap;
-        if session_end < earliest {
-            limited_by = Bound::SessionEnd;
-            earliest = session_end;
-        }
-        if window_end.is_some_and(|w| w < earliest) {
-            limited_by = Bound::WindowEnd;
+        for (bound, at) in [
+            (Bound::SessionEnd, Some(session_end)),
+            (Bound::WindowEnd, window_end),
+            (Bound::ApprovalEnd, approval_end),
+            (Bound::ContractEnd, contract_end),
+        ] {
+            if let Some(at) = at
+                && at < earliest
+            {
+                limited_by = bound;
+                earliest = at;
+            }
         }
         GrantBounds {
             policy_cap,
             session_end,
             window_end,
+            approval_end,
+            contract_end,
             limited_by,
         }
     }
 
     /// The earliest bound: the grant's expiry.
     pub fn expires_at(&self) -> Timestamp {
-        let e = self.policy_cap.min(self.session_end);
-        self.window_end.map_or(e, |w| e.min(w))
+        [self.window_end, self.approval_end, self.contract_end]
+            .into_iter()
+            .flatten()
+            .fold(self.policy_cap.min(self.session_end), Timestamp::min)
+    }
+
+    /// Whether asking again before the end can give a later end: not when the end is fixed
+    /// by a window, an approved request or a contract (only a new approval or window would),
+    /// so clients then let the grant run out instead of renewing.
+    pub fn renewable(&self) -> bool {
+        matches!(self.limited_by, Bound::PolicyCap | Bound::SessionEnd)
     }
 }
 
@@ -136,6 +161,10 @@ pub enum Bound {
     SessionEnd,
     /// The end of the current access window.
     WindowEnd,
+    /// The end of the approved access request's window.
+    ApprovalEnd,
+    /// The end of the vendor's contract.
+    ContractEnd,
 }
 
 impl fmt::Display for Bound {
@@ -144,6 +173,8 @@ impl fmt::Display for Bound {
             Bound::PolicyCap => "the policy's longest grant",
             Bound::SessionEnd => "the end of your sign-in",
             Bound::WindowEnd => "the end of the access window",
+            Bound::ApprovalEnd => "the end of your approved access window",
+            Bound::ContractEnd => "the end of your organisation's contract",
         })
     }
 }
@@ -280,6 +311,31 @@ pub enum DenyReason {
         /// The same on the opening window's wall clock ("Tue 1 Apr 2025 14:00 CEST").
         next_opening_local: Option<String>,
     },
+    /// The policy needs an approved access request and there is none for now or later.
+    ApprovalRequired {
+        /// The resource.
+        resource: String,
+        /// The group whose members approve.
+        approvers: String,
+    },
+    /// An approved window exists but has not started.
+    ApprovalNotYet {
+        /// The request.
+        request_id: i64,
+        /// When it opens.
+        starts_at: Timestamp,
+        /// The same on the policy's wall clock ("Tue 25 Mar 2025 14:00 CET").
+        starts_local: String,
+    },
+    /// The user's vendor contract has ended.
+    ContractEnded {
+        /// The vendor.
+        vendor: String,
+        /// The contract reference.
+        contract_ref: String,
+        /// Its last day.
+        end_date: String,
+    },
 }
 
 impl DenyReason {
@@ -312,6 +368,9 @@ impl DenyReason {
             DenyReason::BreakGlassMfaRequired => "break_glass_mfa_required",
             DenyReason::ExportNotAllowed { .. } => "export_not_allowed",
             DenyReason::ExportEndsInPast => "export_ends_in_past",
+            DenyReason::ApprovalRequired { .. } => "approval_required",
+            DenyReason::ApprovalNotYet { .. } => "approval_not_yet",
+            DenyReason::ContractEnded { .. } => "contract_ended",
         }
     }
 
@@ -464,6 +523,32 @@ impl fmt::Display for DenyReason {
                     None => f.write_str("; it does not open in the next two weeks"),
                 }
             }
+            DenyReason::ApprovalRequired {
+                resource,
+                approvers,
+            } => write!(
+                f,
+                "{resource} needs an approved access request: ask with `wardgate request \
+                 {resource} --for 2h --reason …`; a member of {approvers} approves it"
+            ),
+            DenyReason::ApprovalNotYet {
+                request_id,
+                starts_local,
+                ..
+            } => write!(
+                f,
+                "Your approved window starts at {starts_local} (request {request_id}): connect \
+                 then"
+            ),
+            DenyReason::ContractEnded {
+                vendor,
+                contract_ref,
+                end_date,
+            } => write!(
+                f,
+                "Vendor contract {contract_ref} ({vendor}) ended on {end_date}: ask your sponsor \
+                 to renew it"
+            ),
         }
     }
 }

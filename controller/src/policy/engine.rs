@@ -51,10 +51,25 @@ pub(super) struct CompiledPolicy {
     pub(super) windows: Windows,
     pub(super) max_grant: SignedDuration,
     pub(super) session_lifetime: SignedDuration,
+    approval: Option<ApprovalRule>,
+    /// Where instants are shown in this policy's denials: its first window's zone, or UTC.
+    zone: jiff::tz::TimeZone,
     /// The break-glass cap, if the policy allows break-glass.
     pub(super) break_glass: Option<SignedDuration>,
     /// Whether grants may be exported as WireGuard configurations.
     pub(super) wireguard_export: bool,
+}
+
+/// A policy's approval condition, as the policy administrator needs it when a request is
+/// made or approved ([`CompiledPolicies::approvals_for`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalRule {
+    /// The policy.
+    pub policy: String,
+    /// Whose members approve.
+    pub approvers: String,
+    /// Longest window one request may ask for.
+    pub max_window: SignedDuration,
 }
 
 impl CompiledPolicies {
@@ -121,7 +136,16 @@ impl CompiledPolicies {
                     }
                 }
             }
+            let zone = windows
+                .first()
+                .map_or(jiff::tz::TimeZone::UTC, |w| w.time_zone().clone());
             policies.push(CompiledPolicy {
+                approval: c.approval.as_ref().map(|a| ApprovalRule {
+                    policy: p.name.clone(),
+                    approvers: a.approvers.clone(),
+                    max_window: duration(a.max_window),
+                }),
+                zone,
                 name: p.name.as_str().into(),
                 groups: p.groups.clone(),
                 mfa_required: c.mfa_required,
@@ -193,6 +217,21 @@ impl CompiledPolicies {
             .min()
     }
 
+    /// The approval conditions of the policies covering `resource` that could apply to a
+    /// member of `groups`, in policy-set order. Empty: no policy for this user needs an
+    /// approved request for it.
+    pub fn approvals_for(&self, resource: &str, groups: &[String]) -> Vec<ApprovalRule> {
+        let Some(r) = self.resources.get(resource) else {
+            return Vec::new();
+        };
+        r.policies
+            .iter()
+            .filter_map(|&i| self.policies.get(i))
+            .filter(|p| p.groups.iter().any(|g| groups.contains(g)))
+            .filter_map(|p| p.approval.clone())
+            .collect()
+    }
+
     /// Every process name some posture profile requires, sorted and without repeats, so the
     /// client knows what to look for.
     pub fn required_processes(&self) -> Vec<String> {
@@ -262,7 +301,7 @@ pub fn decide(
         }
     };
     let mut subject = Count::default();
-    check_subject(facts, &mut subject);
+    check_subject(facts, now, &mut subject);
 
     let mut best_allow: Option<(&CompiledPolicy, GrantBounds)> = None;
     let mut closest: Option<(&CompiledPolicy, (bool, u32))> = None;
@@ -294,7 +333,7 @@ pub fn decide(
         };
     }
     let mut reasons = Collect::default();
-    check_subject(facts, &mut reasons);
+    check_subject(facts, now, &mut reasons);
     if let Some((policy, _)) = closest {
         check_policy(policy, &resource.resource.name, facts, now, &mut reasons);
     }
@@ -352,6 +391,10 @@ pub enum Condition {
     ClientVersion,
     /// An access window is open.
     Window,
+    /// An approved access request's window is open.
+    Approval,
+    /// The vendor's contract has not ended.
+    VendorContract,
 }
 
 impl fmt::Display for Condition {
@@ -370,6 +413,8 @@ impl fmt::Display for Condition {
             Condition::Process(p) => write!(f, "{p} running"),
             Condition::ClientVersion => f.write_str("Wardgate up to date"),
             Condition::Window => f.write_str("inside an access window"),
+            Condition::Approval => f.write_str("inside an approved access request's window"),
+            Condition::VendorContract => f.write_str("vendor contract in force"),
         }
     }
 }
@@ -455,7 +500,7 @@ impl Sink for Record {
 }
 
 /// Checks that do not depend on the policy: the account and the device.
-pub(super) fn check_subject(facts: &Facts, sink: &mut impl Sink) {
+pub(super) fn check_subject(facts: &Facts, now: Timestamp, sink: &mut impl Sink) {
     sink.check(
         !facts.user_disabled,
         || Condition::Account,
@@ -468,6 +513,17 @@ pub(super) fn check_subject(facts: &Facts, sink: &mut impl Sink) {
             status: facts.device,
         },
     );
+    if let Some(v) = &facts.vendor {
+        sink.check(
+            now < v.ends_at,
+            || Condition::VendorContract,
+            || DenyReason::ContractEnded {
+                vendor: v.vendor.clone(),
+                contract_ref: v.contract_ref.clone(),
+                end_date: v.end_date.clone(),
+            },
+        );
+    }
 }
 
 /// What evaluating one policy found besides its failures.
@@ -542,11 +598,62 @@ fn check_policy(
         );
     }
 
+    let approval_end = match &policy.approval {
+        None => {
+            sink.not_required(|| Condition::Approval);
+            None
+        }
+        Some(rule) => check_approval(policy, rule, resource, facts, now, sink),
+    };
+
     let policy_cap = now.checked_add(policy.max_grant).unwrap_or(Timestamp::MAX);
     PolicyEval {
         in_group,
-        bounds: GrantBounds::new(policy_cap, session_end, window_end),
+        bounds: GrantBounds::with_ends(
+            policy_cap,
+            session_end,
+            window_end,
+            approval_end,
+            facts.vendor.as_ref().map(|v| v.ends_at),
+        ),
     }
+}
+
+/// The approval condition: an approved window for this resource open at `now` passes and
+/// bounds the grant by its end; otherwise the denial names the next approved window, if one
+/// is coming, or says that a request is needed.
+fn check_approval(
+    policy: &CompiledPolicy,
+    rule: &ApprovalRule,
+    resource: &str,
+    facts: &Facts,
+    now: Timestamp,
+    sink: &mut impl Sink,
+) -> Option<Timestamp> {
+    let mine = || facts.approvals.iter().filter(|w| w.resource == resource);
+    let open = mine()
+        .filter(|w| w.from <= now && now < w.until)
+        .map(|w| w.until)
+        .max();
+    if open.is_some() {
+        sink.pass(|| Condition::Approval);
+        return open;
+    }
+    sink.fail(
+        || Condition::Approval,
+        || match mine().filter(|w| w.from > now).min_by_key(|w| w.from) {
+            Some(w) => DenyReason::ApprovalNotYet {
+                request_id: w.request_id,
+                starts_at: w.from,
+                starts_local: super::window::local_text(w.from, &policy.zone),
+            },
+            None => DenyReason::ApprovalRequired {
+                resource: resource.to_owned(),
+                approvers: rule.approvers.clone(),
+            },
+        },
+    );
+    None
 }
 
 /// Posture checks. A missing or stale report fails as one reason and the individual checks
@@ -733,7 +840,7 @@ pub fn explain(
 ) -> Explanation {
     let decision = decide(request, facts, policies, now);
     let mut subject = Record::default();
-    check_subject(facts, &mut subject);
+    check_subject(facts, now, &mut subject);
     let subject_ok = subject
         .checks
         .iter()

@@ -63,12 +63,12 @@ mod tests;
 
 pub use decision::{Bound, Decision, DenyReason, GrantBounds};
 pub use engine::{
-    Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation, PostureVerdict,
-    decide, explain,
+    ApprovalRule, Check, CompiledPolicies, Condition, Explanation, Outcome, PolicyExplanation,
+    PostureVerdict, decide, explain,
 };
-pub use model::{BreakGlass, Conditions, Policy, PolicySet, Resource};
+pub use model::{Approval, BreakGlass, Conditions, Policy, PolicySet, Resource};
 pub use posture::{PostureProfile, PostureReport, Tri, Version, VersionError};
-pub use request::{AccessRequest, Facts, Session};
+pub use request::{AccessRequest, ApprovedWindow, Facts, Session, VendorContract};
 pub use special::{BreakGlassDecision, ExportDecision, MAX_REASON_LEN};
 pub use validate::{ValidationError, validate};
 pub use window::{Weekdays, Window, WindowError, WindowSpec, local_text, time_zone};

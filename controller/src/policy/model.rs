@@ -65,6 +65,11 @@ pub struct Conditions {
     /// sign-ins must sign in again. Must not be zero.
     #[serde(with = "duration_text")]
     pub session_lifetime: Duration,
+    /// Access only inside a window someone else approved (vendors): the user asks with
+    /// `wardgate request`, a member of `approvers` approves, and grants end at the window's
+    /// end. `None` = no request needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
     /// Break-glass: members of the policy's groups may take emergency access to its
     /// resources without windows or approvals, for at most `cap`, with a reason and MFA. Only
     /// valid when every resource of the policy is marked `emergency`, so that emergency access
@@ -76,6 +81,17 @@ pub struct Conditions {
     /// client. Off unless written down: such a device reports no posture.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub wireguard_export: bool,
+}
+
+/// The approval condition of a [`Policy`]: who approves, and the longest window they may
+/// approve at once (a longer need is several requests, each looked at by a person).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The group whose members approve requests (never the requester themself).
+    pub approvers: String,
+    /// Longest window one request may ask for. Must not be zero.
+    #[serde(with = "duration_text")]
+    pub max_window: Duration,
 }
 
 /// The break-glass part of a policy's [`Conditions`].

@@ -36,6 +36,42 @@ pub struct Facts {
     pub user_disabled: bool,
     /// The device's latest posture report, if it sent one.
     pub posture: Option<PostureReport>,
+    /// The approved access-request windows of this user on this device that have not ended
+    /// (current or upcoming), for policies with an approval condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovedWindow>,
+    /// The vendor organisation the user belongs to, if any: its contract's end bounds every
+    /// grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<VendorContract>,
+}
+
+/// An approved access request: this user, on this device, may use `resource` from `from`
+/// until `until` (if a policy with an approval condition allows the rest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovedWindow {
+    /// The request's id, so denials and audit rows can name it.
+    pub request_id: i64,
+    /// The resource it is for.
+    pub resource: String,
+    /// When the window opens.
+    pub from: Timestamp,
+    /// When it closes; grants under it end here.
+    pub until: Timestamp,
+}
+
+/// A vendor organisation's contract (or BAA), as far as decisions need it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VendorContract {
+    /// The vendor's name.
+    pub vendor: String,
+    /// The contract or BAA reference, e.g. `ACME-BAA-7`.
+    pub contract_ref: String,
+    /// The contract's last day as written (`2026-10-31`), for the words of a denial.
+    pub end_date: String,
+    /// The instant it ends (the end of its last day in its zone): no grant at or after it,
+    /// and none lasting beyond it.
+    pub ends_at: Timestamp,
 }
 
 /// A login session: when the user signed in, and when the session ends regardless of policy

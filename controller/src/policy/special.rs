@@ -138,7 +138,7 @@ impl CompiledPolicies {
                 None
             }
         };
-        check_subject(facts, &mut reasons);
+        check_subject(facts, now, &mut reasons);
         let mut best: Option<(&CompiledPolicy, Timestamp, SignedDuration, Bound)> = None;
         let mut closest: Option<(usize, Vec<DenyReason>)> = None;
         for p in candidates {
@@ -159,11 +159,16 @@ impl CompiledPolicies {
             }
             if failed.is_empty() {
                 let cap_end = now.checked_add(cap).unwrap_or(Timestamp::MAX);
-                let (expires, by) = if end < cap_end {
+                let (mut expires, mut by) = if end < cap_end {
                     (end, Bound::SessionEnd)
                 } else {
                     (cap_end, Bound::PolicyCap)
                 };
+                // An emergency does not outlive the vendor's contract either.
+                if let Some(v) = facts.vendor.as_ref().filter(|v| v.ends_at < expires) {
+                    expires = v.ends_at;
+                    by = Bound::ContractEnd;
+                }
                 if best.as_ref().is_none_or(|(_, e, _, _)| expires > *e) {
                     best = Some((p, expires, cap, by));
                 }
@@ -288,6 +293,8 @@ mod tests {
             device: DeviceStatus::Approved,
             user_disabled: false,
             posture: None,
+            approvals: Vec::new(),
+            vendor: None,
         }
     }
 
@@ -337,6 +344,33 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_vendor_contract_bounds_break_glass_and_an_ended_one_refuses_it() {
+        let c = CompiledPolicies::new(&hospital_with_break_glass()).expect("valid");
+        let now = ts("2025-03-04T03:00:00Z");
+        let mut f = ben(true);
+        f.vendor = Some(crate::policy::VendorContract {
+            vendor: "acme".into(),
+            contract_ref: "ACME-BAA-7".into(),
+            end_date: "2025-03-04".into(),
+            ends_at: ts("2025-03-04T03:05:00Z"),
+        });
+        match c.decide_break_glass(&req("pacs"), &f, "stroke", now) {
+            BreakGlassDecision::Allow {
+                expires_at,
+                limited_by,
+                ..
+            } => {
+                assert_eq!(expires_at, ts("2025-03-04T03:05:00Z"));
+                assert_eq!(limited_by, Bound::ContractEnd);
+            }
+            other => panic!("{other:?}"),
+        }
+        let later = ts("2025-03-04T03:06:00Z");
+        let d = c.decide_break_glass(&req("pacs"), &f, "stroke", later);
+        assert!(codes(&d).contains(&"contract_ended"), "{d:?}");
     }
 
     #[test]

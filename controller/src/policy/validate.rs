@@ -163,6 +163,22 @@ pub enum ValidationError {
         /// The policy.
         policy: String,
     },
+    /// An approval condition names a group that does not exist.
+    #[error(
+        "policy {policy} has approvers {group}, which does not exist: create the group or fix the name"
+    )]
+    UnknownApproverGroup {
+        /// The policy.
+        policy: String,
+        /// The group.
+        group: String,
+    },
+    /// An approval condition's longest window is zero: nothing could ever be approved.
+    #[error("policy {policy} allows approved windows of zero length: set max_window, e.g. 8h")]
+    ZeroMaxWindow {
+        /// The policy.
+        policy: String,
+    },
     /// A policy allows break-glass for a resource not marked as emergency-capable.
     #[error(
         "policy {policy} allows break-glass for resource {resource}, which is not marked for \
@@ -270,6 +286,17 @@ pub fn validate(set: &PolicySet) -> Result<(), Vec<ValidationError>> {
         }
         if c.session_lifetime == Duration::ZERO {
             errors.push(ValidationError::ZeroSessionLifetime { policy: policy() });
+        }
+        if let Some(a) = &c.approval {
+            if !set.groups.contains(&a.approvers) {
+                errors.push(ValidationError::UnknownApproverGroup {
+                    policy: policy(),
+                    group: a.approvers.clone(),
+                });
+            }
+            if a.max_window == Duration::ZERO {
+                errors.push(ValidationError::ZeroMaxWindow { policy: policy() });
+            }
         }
         if let Some(bg) = &c.break_glass {
             if bg.cap == Duration::ZERO {

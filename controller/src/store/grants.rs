@@ -317,7 +317,8 @@ impl Store {
         })
     }
 
-    /// One attempt at [`Store::insert_grant`] with the id `id`.
+    /// One attempt at [`Store::insert_grant`] with the id `id`. On SQLite, attempts that
+    /// carry audit events go through the group-commit batcher (see [`GrantBatch`]).
     async fn try_insert_grant(
         &self,
         id: i64,
@@ -327,70 +328,73 @@ impl Store {
         events: &[super::NewAuditEvent],
         break_glass: Option<&super::NewBreakGlass>,
     ) -> Result<(), InsertFailure> {
-        let mut tx = if events.is_empty() {
-            self.begin_write().await?
+        let raw = if self.backend == super::Backend::Sqlite && !events.is_empty() {
+            self.batched_insert(GrantJob {
+                id,
+                grant: g.clone(),
+                gateway_ids: gateway_ids.to_vec(),
+                gateways_json: gateways_json.to_owned(),
+                events: events.to_vec(),
+                break_glass: break_glass.cloned(),
+            })
+            .await
         } else {
-            self.begin_audit_tx().await?
-        };
-        let result = sqlx::query(
-            "INSERT INTO grants (id, device_id, user_id, resource, policy, client_public_key, \
-             preshared_key, tunnel_addr, rules, gateway_ids, issued_ms, expires_ms, status, \
-             ended_ms, end_reason, renewed_from) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'active', NULL, NULL, $13)",
-        )
-        .bind(id)
-        .bind(g.device_id.as_str())
-        .bind(g.user_id.as_str())
-        .bind(g.resource.as_str())
-        .bind(g.policy.as_str())
-        .bind(g.client_public_key.as_str())
-        .bind(g.preshared_key.expose())
-        .bind(g.tunnel_addr.as_str())
-        .bind(g.rules_json.as_str())
-        .bind(gateways_json)
-        .bind(g.issued_ms)
-        .bind(g.expires_ms)
-        .bind(g.renewed_from)
-        .execute(&mut *tx)
-        .await;
-        match result {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                drop(tx);
-                return Err(self.grant_insert_conflict(id, &g.client_public_key).await);
-            }
-            Err(e) if is_foreign_key_violation(&e) => {
-                drop(tx);
-                return Err(InsertFailure::Failed(self.missing_for_grant(g, &[]).await));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        for gateway_id in gateway_ids {
-            let result =
-                sqlx::query("INSERT INTO grant_gateways (grant_id, gateway_id) VALUES ($1, $2)")
-                    .bind(id)
-                    .bind(gateway_id.as_str())
-                    .execute(&mut *tx)
-                    .await;
-            match result {
-                Ok(_) => {}
-                Err(e) if is_foreign_key_violation(&e) => {
-                    drop(tx);
-                    return Err(InsertFailure::Failed(
-                        self.missing_for_grant(g, gateway_ids).await,
-                    ));
+            let mut tx = if events.is_empty() {
+                self.begin_write().await?
+            } else {
+                self.begin_audit_tx().await?
+            };
+            match insert_in(
+                &mut tx,
+                id,
+                g,
+                gateway_ids,
+                gateways_json,
+                events,
+                break_glass,
+            )
+            .await
+            {
+                Ok(()) => {
+                    tx.commit().await?;
+                    Ok(())
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    drop(tx);
+                    Err(e)
+                }
             }
+        };
+        match raw {
+            Ok(()) => Ok(()),
+            Err(RawFailure::Unique) => {
+                Err(self.grant_insert_conflict(id, &g.client_public_key).await)
+            }
+            Err(RawFailure::ForeignKey) => Err(InsertFailure::Failed(
+                self.missing_for_grant(g, gateway_ids).await,
+            )),
+            Err(RawFailure::Other(e)) => Err(InsertFailure::Failed(e)),
         }
-        if let Some(bg) = break_glass {
-            super::breakglass::insert_in(&mut tx, id, g, bg).await?;
-        }
-        for e in events {
-            super::audit::append_in(&mut tx, e).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+    }
+
+    /// Sends one insertion to the batcher (started on first use) and waits for its commit.
+    async fn batched_insert(&self, job: GrantJob) -> Result<(), RawFailure> {
+        let sender = self
+            .grant_batcher
+            .get_or_init(|| async {
+                let (tx, rx) = tokio::sync::mpsc::channel(GRANT_BATCH_MAX * 4);
+                tokio::spawn(run_grant_batcher(self.clone(), rx));
+                tx
+            })
+            .await;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        sender
+            .send((job, reply))
+            .await
+            .map_err(|_| RawFailure::Other(StoreError::Database(sqlx::Error::PoolClosed)))?;
+        answer
+            .await
+            .map_err(|_| RawFailure::Other(StoreError::Database(sqlx::Error::PoolClosed)))?
     }
 
     /// After a unique violation inserting grant `id`: was it the id (retry) or the key?
@@ -632,4 +636,179 @@ enum EndArg<'a> {
     Id(i64),
     /// A device or user id.
     Text(&'a str),
+}
+
+/// Most grant insertions committed together by the SQLite batcher.
+const GRANT_BATCH_MAX: usize = 64;
+
+/// One grant insertion queued for the batcher.
+pub(super) struct GrantJob {
+    id: i64,
+    grant: NewGrant,
+    gateway_ids: Vec<String>,
+    gateways_json: String,
+    events: Vec<super::NewAuditEvent>,
+    /// A break-glass grant's review-queue row, committed with it.
+    break_glass: Option<super::NewBreakGlass>,
+}
+
+/// The batcher's queue: a job and where its outcome goes.
+pub(super) type GrantBatch = tokio::sync::mpsc::Sender<(
+    GrantJob,
+    tokio::sync::oneshot::Sender<Result<(), RawFailure>>,
+)>;
+
+/// Why one insertion failed, before it is explained with follow-up reads.
+pub(super) enum RawFailure {
+    /// A unique constraint: the id or the client key was taken.
+    Unique,
+    /// A foreign key: the device, user or a gateway does not exist.
+    ForeignKey,
+    /// Anything else.
+    Other(StoreError),
+}
+
+impl From<sqlx::Error> for RawFailure {
+    fn from(e: sqlx::Error) -> Self {
+        if is_unique_violation(&e) {
+            RawFailure::Unique
+        } else if is_foreign_key_violation(&e) {
+            RawFailure::ForeignKey
+        } else {
+            RawFailure::Other(e.into())
+        }
+    }
+}
+
+impl From<StoreError> for RawFailure {
+    fn from(e: StoreError) -> Self {
+        RawFailure::Other(e)
+    }
+}
+
+/// Writes grant `id`, its gateway rows, its break-glass review row (if any) and its audit
+/// events inside `tx` (which holds the audit lock when there are events).
+async fn insert_in(
+    tx: &mut super::WriteTx,
+    id: i64,
+    g: &NewGrant,
+    gateway_ids: &[String],
+    gateways_json: &str,
+    events: &[super::NewAuditEvent],
+    break_glass: Option<&super::NewBreakGlass>,
+) -> Result<(), RawFailure> {
+    sqlx::query(
+        "INSERT INTO grants (id, device_id, user_id, resource, policy, client_public_key, \
+         preshared_key, tunnel_addr, rules, gateway_ids, issued_ms, expires_ms, status, \
+         ended_ms, end_reason, renewed_from) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'active', NULL, NULL, $13)",
+    )
+    .bind(id)
+    .bind(g.device_id.as_str())
+    .bind(g.user_id.as_str())
+    .bind(g.resource.as_str())
+    .bind(g.policy.as_str())
+    .bind(g.client_public_key.as_str())
+    .bind(g.preshared_key.expose())
+    .bind(g.tunnel_addr.as_str())
+    .bind(g.rules_json.as_str())
+    .bind(gateways_json)
+    .bind(g.issued_ms)
+    .bind(g.expires_ms)
+    .bind(g.renewed_from)
+    .execute(&mut **tx)
+    .await?;
+    for gateway_id in gateway_ids {
+        sqlx::query("INSERT INTO grant_gateways (grant_id, gateway_id) VALUES ($1, $2)")
+            .bind(id)
+            .bind(gateway_id.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(bg) = break_glass {
+        super::breakglass::insert_in(tx, id, g, bg).await?;
+    }
+    for e in events {
+        super::audit::append_in(tx, e).await?;
+    }
+    Ok(())
+}
+
+/// Group commit for SQLite: takes every queued insertion (up to [`GRANT_BATCH_MAX`]), writes
+/// each inside its own savepoint (so one refused grant does not undo the others) and commits
+/// them with one fsync. Each grant still commits atomically with its audit events; under load
+/// the commit cost is shared, so issuing scales past one fsync per grant.
+async fn run_grant_batcher(
+    store: Store,
+    mut rx: tokio::sync::mpsc::Receiver<(
+        GrantJob,
+        tokio::sync::oneshot::Sender<Result<(), RawFailure>>,
+    )>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < GRANT_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut tx = match store.begin_audit_tx().await {
+            Ok(tx) => tx,
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(RawFailure::Other(StoreError::Database(
+                        sqlx::Error::Protocol(format!("cannot start a write transaction: {msg}")),
+                    ))));
+                }
+                continue;
+            }
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (i, (job, _)) in batch.iter().enumerate() {
+            let sp = format!("g{i}");
+            let r = async {
+                sqlx::query(&format!("SAVEPOINT {sp}"))
+                    .execute(&mut *tx)
+                    .await?;
+                let r = insert_in(
+                    &mut tx,
+                    job.id,
+                    &job.grant,
+                    &job.gateway_ids,
+                    &job.gateways_json,
+                    &job.events,
+                    job.break_glass.as_ref(),
+                )
+                .await;
+                if r.is_err() {
+                    sqlx::query(&format!("ROLLBACK TO SAVEPOINT {sp}"))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(&format!("RELEASE SAVEPOINT {sp}"))
+                    .execute(&mut *tx)
+                    .await?;
+                r
+            }
+            .await;
+            outcomes.push(r);
+        }
+        match tx.commit().await {
+            Ok(()) => {
+                for ((_, reply), r) in batch.into_iter().zip(outcomes) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(RawFailure::Other(StoreError::Database(
+                        sqlx::Error::Protocol(format!("the grant batch did not commit: {msg}")),
+                    ))));
+                }
+            }
+        }
+    }
 }

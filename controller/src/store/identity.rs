@@ -86,10 +86,10 @@ impl Session {
     }
 }
 
-const SESSION_COLUMNS: &str = "id, user_id, device_id, method, provider, mfa, groups, created_ms, \
+pub(super) const SESSION_COLUMNS: &str = "id, user_id, device_id, method, provider, mfa, groups, created_ms, \
      last_used_ms, expires_ms, idle_timeout_ms, ended_ms, end_reason";
 
-fn session_from_row(row: &AnyRow) -> Result<Session, StoreError> {
+pub(super) fn session_from_row(row: &AnyRow) -> Result<Session, StoreError> {
     let id: String = row.try_get("id")?;
     let method: String = row.try_get("method")?;
     let method = match method.as_str() {
@@ -310,6 +310,17 @@ impl Store {
 
     /// Opens a session, ending the device's earlier open sessions (`superseded`).
     pub async fn insert_session(&self, s: &Session) -> Result<(), StoreError> {
+        self.insert_session_with_refresh(s, None).await
+    }
+
+    /// [`Store::insert_session`] that also keeps the session's sealed refresh token (OIDC
+    /// code logins), in the same transaction: a session is never left refreshable without its
+    /// row, nor a row without its session. The superseded sessions' tokens are dropped.
+    pub async fn insert_session_with_refresh(
+        &self,
+        s: &Session,
+        refresh: Option<&super::SessionRefresh>,
+    ) -> Result<(), StoreError> {
         let groups = s
             .groups
             .as_ref()
@@ -344,6 +355,26 @@ impl Store {
         .bind(s.idle_timeout_ms)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(
+            "DELETE FROM session_refresh WHERE session_id IN \
+             (SELECT id FROM sessions WHERE device_id = $1 AND ended_ms IS NOT NULL)",
+        )
+        .bind(s.device_id.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if let Some(r) = refresh {
+            sqlx::query(
+                "INSERT INTO session_refresh (session_id, provider, client_id, token_sealed, next_refresh_ms, failures, last_error) \
+                 VALUES ($1, $2, $3, $4, $5, 0, NULL)",
+            )
+            .bind(s.id.as_str())
+            .bind(r.provider.as_str())
+            .bind(r.client_id.as_str())
+            .bind(r.token_sealed.as_str())
+            .bind(r.next_refresh_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

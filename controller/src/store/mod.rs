@@ -36,6 +36,8 @@ mod groups;
 mod identity;
 mod join_tokens;
 mod posture;
+mod refresh;
+mod requests;
 mod users;
 
 pub use admin_tokens::AdminToken;
@@ -53,6 +55,8 @@ pub use groups::Group;
 pub use identity::{LoginMethod, Session, Throttle};
 pub use join_tokens::JoinToken;
 pub use posture::{PostureAccept, StoredPosture};
+pub use refresh::SessionRefresh;
+pub use requests::{AccessRequestRow, NewAccessRequest, RequestDecision, RequestState, Vendor};
 pub use users::User;
 
 use sqlx::any::AnyPoolOptions;
@@ -119,6 +123,8 @@ pub struct Store {
     /// so concurrent grants contending inside the database ran at a few hundred per second;
     /// queued here they go back to back.
     sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// The SQLite group-commit queue for grants, started on first use.
+    grant_batcher: std::sync::Arc<tokio::sync::OnceCell<grants::GrantBatch>>,
 }
 
 /// A write transaction, holding this process's SQLite writer slot (if any) until it commits
@@ -207,6 +213,7 @@ impl Store {
             pool,
             backend,
             sqlite_writer: Default::default(),
+            grant_batcher: Default::default(),
         })
     }
 

@@ -21,7 +21,7 @@
 mod backend;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -31,7 +31,6 @@ use wardgate_common::dataplane::tunn::{MAX_DATAGRAM_LEN, PresharedKey};
 use wardgate_common::dataplane::udp::{BatchUdpSocket, RecvBatch};
 use wardgate_common::grant::{self, GatewayGrant};
 use wardgate_common::keys::{self, StaticSecret};
-use wardgate_common::unix_ms;
 
 use backend::Backend;
 pub use backend::{BackendConfig, BackendError, DynDialer, MapDialer};
@@ -194,7 +193,7 @@ fn now() -> Instant {
 }
 
 fn wall_ms() -> i64 {
-    unix_ms(SystemTime::now())
+    wardgate_common::clock::now_ms()
 }
 
 /// Starts the data plane; it runs until `shutdown` resolves.

@@ -4,6 +4,7 @@
 //! The world is the hospital of `shared/SCENARIOS.md`: `amara` (clinicians, MFA) on a
 //! compliant laptop, `ehr-web`, `ehr-db`, `pacs`, `mri-console`, `lab-hl7`.
 
+mod approval;
 mod decide;
 mod validate;
 mod version;
@@ -68,6 +69,7 @@ fn policy(name: &str, groups: &[&str], resources: &[&str]) -> Policy {
             session_lifetime: hours(12),
             break_glass: None,
             wireguard_export: false,
+            approval: None,
         },
     }
 }
@@ -190,6 +192,8 @@ pub(super) fn amara(now: Timestamp) -> Facts {
             client_version: Some("0.1.0".parse().expect("version")),
             at: now - jiff::SignedDuration::from_mins(1),
         }),
+        approvals: Vec::new(),
+        vendor: None,
     }
 }
 

@@ -170,6 +170,19 @@ fn windows_open_and_close_at_the_right_instants_across_dst() {
             ],
         },
         Case {
+            name: "Berlin Tuesdays 14:00–16:00, CEST then CET (October)",
+            zone: "Europe/Berlin",
+            days: &[Tuesday],
+            start: "14:00",
+            end: "16:00",
+            from: "2025-10-20T00:00:00Z",
+            to: "2025-10-29T00:00:00Z",
+            expect: &[
+                ("2025-10-21T12:00:00Z", "2025-10-21T14:00:00Z"),
+                ("2025-10-28T13:00:00Z", "2025-10-28T15:00:00Z"),
+            ],
+        },
+        Case {
             name: "New York Tuesdays 09:00–17:00, EST then EDT",
             zone: "America/New_York",
             days: &[Tuesday],
