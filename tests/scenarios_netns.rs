@@ -387,7 +387,18 @@ fn s12_gateway_restart_resyncs_before_traffic_and_cut_off_keeps_enforcing() {
         !s.gateway_grants().iter().any(|g| g["grant_id"] == 4242),
         "no new peer while cut off"
     );
-    let _ = conn.wait_exit(Duration::from_secs(30));
+    // The client kept the tunnel while dialling the controller, then stopped at the expiry
+    // and says why.
+    let exit = conn
+        .wait_exit(Duration::from_secs(30))
+        .expect("connect ends");
+    assert!(!exit.success());
+    assert!(
+        conn.stderr_text()
+            .contains("the controller was unreachable and the grant expired"),
+        "the client says why: {}",
+        conn.stderr_text()
+    );
 }
 
 /// Milliseconds since the epoch of an RFC 3339 instant (test input, always valid).
