@@ -274,6 +274,9 @@ fn to_gateway_grant(g: &Grant, label: String) -> Result<GatewayGrant, WireError>
     })
 }
 
+/// How stale a session's last-use time may get before a grant moves it (see `connect`).
+const SESSION_TOUCH_GRANULARITY_MS: i64 = 1_000;
+
 impl Controller {
     /// A device asks for `resource` with a fresh key: decide, then issue (see module docs).
     pub async fn connect(
@@ -362,8 +365,12 @@ impl Controller {
         {
             self.end_grants(vec![prev], "renewed", &actor, false).await;
         }
-        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
-            // A grant is use: the idle clock starts again.
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await
+            && now - sess.last_used_ms >= SESSION_TOUCH_GRANULARITY_MS
+        {
+            // A grant is use: the idle clock starts again. Idle timeouts are minutes long, so
+            // the clock is moved at most once a second: a burst of grants costs one write,
+            // not one each (every SQLite write waits for the single writer).
             let _ = self.store.touch_session(&sess.id, now).await;
         }
         info!(grant = grant.id, user = %user.username, device = %device_id, resource, "grant issued");
@@ -647,7 +654,9 @@ impl Controller {
                 now,
             )
             .await?;
-        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await {
+        if let Ok(Some(sess)) = self.store.latest_session_for_device(device_id).await
+            && now - sess.last_used_ms >= SESSION_TOUCH_GRANULARITY_MS
+        {
             let _ = self.store.touch_session(&sess.id, now).await;
         }
         self.notify_by(
