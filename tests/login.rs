@@ -380,7 +380,7 @@ fn oidc_cli(w: &World, idp: &Idp, cfg: &Path, args: &[&str], account: &str, devi
     let mut child = cmd.spawn().expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr)
             .lines()
@@ -414,7 +414,10 @@ fn oidc_cli(w: &World, idp: &Idp, cfg: &Path, args: &[&str], account: &str, devi
         }
     }
     let out = child.wait_with_output().expect("wait");
-    let rest: String = rx.try_iter().collect::<Vec<_>>().join("\n");
+    // The reader may still be behind the exited child: read stderr to its end before
+    // judging what the client said.
+    let _ = reader.join();
+    let rest: String = rx.iter().collect::<Vec<_>>().join("\n");
     let ran = Ran {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
